@@ -1,0 +1,95 @@
+"""Durations in steps, examples, epochs or percent of training, converted in one place.
+
+Every duration-like config field (``total``, ``warmup``, ``log_every``, ``ckpt_every``,
+``eval_every`` ...) accepts:
+
+* an ``int`` or a digit string: optimiser steps, e.g. ``300`` or ``"300"``;
+* ``"<n>ex"``: examples seen, e.g. ``"50000ex"`` (rounded up to whole steps);
+* ``"<x>ep"``: epochs over the training set, e.g. ``"2.5ep"`` (needs the data size);
+* ``"<p>%"``: percent of the total training steps, e.g. ``"10%"`` (not for ``total``).
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import ml_collections
+
+_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(ex|ep|%|steps?)?\s*$", re.I)
+
+# Fields resolved by `resolve_steps`, with the default used when a config leaves one out.
+DURATION_FIELDS = {
+    "warmup": "0",
+    "log_every": "10%",
+    "ckpt_every": "25%",
+    "eval_every": "50%",
+}
+
+
+def to_steps(value, *, batch_size: int, total_steps: int | None = None,
+             num_examples: int | None = None, name: str = "duration") -> int:
+  """Converts one duration to a whole number of optimiser steps.
+
+  Args:
+    value: int steps, or a string '300' | '5000ex' | '2ep' | '10%'.
+    batch_size: global batch size (examples per step).
+    total_steps: total training steps, needed for percentages.
+    num_examples: training-set size, needed for epochs.
+    name: the config field, for error messages.
+
+  Returns:
+    Number of steps, >= 0. Non-zero fractional results round up so that a short duration
+    never silently becomes 0 steps.
+  """
+  if batch_size is None or batch_size <= 0:
+    raise ValueError(f"{name}: batch_size must be a positive integer, got {batch_size!r}.")
+  if isinstance(value, bool):
+    raise ValueError(f"{name}: expected a duration like 300, '5000ex', '2ep' or '10%', got {value!r}.")
+  if isinstance(value, int):
+    number, unit = float(value), "steps"
+  else:
+    match = _UNIT.match(str(value))
+    if not match:
+      raise ValueError(
+          f"{name}: cannot read duration {value!r}; use steps (300), examples ('5000ex'), "
+          "epochs ('2ep') or percent of training ('10%').")
+    number, unit = float(match.group(1)), (match.group(2) or "steps").lower()
+  if number < 0:
+    raise ValueError(f"{name}: duration must be >= 0, got {value!r}.")
+  if unit in ("steps", "step"):
+    if number != int(number):
+      raise ValueError(f"{name}: a step count must be whole, got {value!r}.")
+    return int(number)
+  if unit == "ex":
+    return math.ceil(number / batch_size)
+  if unit == "ep":
+    if not num_examples:
+      raise ValueError(f"{name}: {value!r} is in epochs but the training-set size is unknown.")
+    return math.ceil(number * num_examples / batch_size)
+  # percent
+  if total_steps is None:
+    raise ValueError(f"{name}: {value!r} is a percentage, which is only allowed relative to 'total'.")
+  return math.ceil(number / 100.0 * total_steps)
+
+
+def resolve_steps(config: ml_collections.ConfigDict,
+                  num_examples: int | None = None) -> ml_collections.ConfigDict:
+  """Resolves the training durations of `config` into steps.
+
+  Reads ``config.batch_size``, ``config.total`` (required) and the optional fields of
+  `DURATION_FIELDS`. Returns a ConfigDict with ``total_steps``, ``warmup_steps``,
+  ``log_every``, ``ckpt_every`` and ``eval_every`` (intervals are at least 1 step).
+  """
+  if "total" not in config:
+    raise ValueError("config.total is required: training length as steps, 'Nex', 'Nep'.")
+  bs = config.get("batch_size")
+  total = to_steps(config.total, batch_size=bs, num_examples=num_examples, name="total")
+  if total <= 0:
+    raise ValueError(f"config.total={config.total!r} gives {total} steps; training needs >= 1.")
+  out = ml_collections.ConfigDict({"total_steps": total})
+  for field, default in DURATION_FIELDS.items():
+    steps = to_steps(config.get(field, default), batch_size=bs, total_steps=total,
+                     num_examples=num_examples, name=field)
+    key = "warmup_steps" if field == "warmup" else field
+    out[key] = min(steps, total) if field == "warmup" else max(1, steps)
+  return out

@@ -1,0 +1,164 @@
+"""Config files and command-line overrides.
+
+A config file is trusted Python code (like big_vision's and the Flax examples'): it defines
+``get_config(arg=None) -> ml_collections.ConfigDict`` and may define ``sweep(add)``.
+On the command line:
+
+    --config configs/demo.py:steps=300,loss=softmax   # file plus the string passed to get_config
+    --config.batch_size=64 --config.model.embed_dim 128   # overrides, type-checked
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+from siglip_fair.config import durations
+
+_DURATION_KEYS = {"total", *durations.DURATION_FIELDS}
+
+
+class ConfigError(ValueError):
+  """A config file, argument or override that cannot be used; the message says why."""
+
+
+def parse_arg(arg: str | None, *, lazy: bool = False, **spec) -> ml_collections.ConfigDict:
+  """Parses a `get_config` argument string such as ``"steps=300,loss=softmax,fast"``.
+
+  Each key of `spec` gives a default; values on the command line are converted to the type of
+  that default. A bare key sets a boolean flag to True. Unknown keys are an error unless
+  ``lazy=True`` (then they are kept as literals or strings).
+  """
+  result = ml_collections.ConfigDict(dict(spec))
+  if not arg:
+    return result
+  for item in filter(None, (x.strip() for x in arg.split(","))):
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if key not in spec and not lazy:
+      raise ConfigError(f"unknown config argument {key!r}; known: {', '.join(sorted(spec)) or 'none'}"
+                        f"{_suggest(key, spec)}.")
+    if not sep:
+      default = spec.get(key, False)
+      if not isinstance(default, bool):
+        raise ConfigError(f"config argument {key!r} needs a value ({key}=...).")
+      result[key] = True
+      continue
+    result[key] = _convert(raw.strip(), spec.get(key), f"config argument {key!r}")
+  return result
+
+
+def load_config_file(spec: str) -> tuple[ml_collections.ConfigDict, Any]:
+  """Loads ``path.py[:arg]`` and returns ``(get_config(arg), module)``."""
+  path, _, arg = spec.partition(":")
+  if not path.endswith(".py"):
+    raise ConfigError(f"--config must name a .py file (optionally ':args'), got {spec!r}.")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist.")
+  name = "siglip_fair_config_" + os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path!r} defines no get_config(arg).")
+  config = module.get_config(arg or None)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict, "
+                      f"got {type(config).__name__}.")
+  return config, module
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Sequence[tuple[str, str]]) -> ml_collections.ConfigDict:
+  """Applies ``(dotted.key, raw value)`` overrides in order; unknown keys and bad types fail."""
+  for dotted, raw in overrides:
+    parent, leaf = _lookup_parent(config, dotted)
+    current = parent[leaf]
+    if leaf in _DURATION_KEYS and isinstance(current, (int, str)):
+      # Durations take steps or unit strings ('5000ex', '2ep', '10%'); checked in durations.py.
+      durations.to_steps(raw, batch_size=1, total_steps=1, num_examples=1, name=dotted)
+      parent[leaf] = raw
+      continue
+    parent[leaf] = _convert(raw, current, f"--config.{dotted}")
+  return config
+
+
+def split_override_args(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
+  """Pulls ``--config.a.b=v`` / ``--config.a.b v`` out of argv; returns (overrides, rest)."""
+  overrides, rest, i = [], [], 0
+  argv = list(argv)
+  while i < len(argv):
+    tok = argv[i]
+    if tok.startswith("--config."):
+      key, sep, value = tok[len("--config."):].partition("=")
+      if not sep:
+        if i + 1 >= len(argv):
+          raise ConfigError(f"{tok} needs a value.")
+        value, i = argv[i + 1], i + 1
+      if not key:
+        raise ConfigError(f"malformed override {tok!r}.")
+      overrides.append((key, value))
+    else:
+      rest.append(tok)
+    i += 1
+  return overrides, rest
+
+
+def get_config(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
+  """The whole command-line path: load ``file.py:arg`` then apply overrides."""
+  config, _ = load_config_file(spec)
+  return apply_overrides(config, overrides)
+
+
+def _lookup_parent(config, dotted: str):
+  node, parts = config, dotted.split(".")
+  for depth, part in enumerate(parts):
+    keys = list(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
+    if part not in keys:
+      where = ".".join(parts[:depth]) or "config"
+      raise ConfigError(f"unknown config key {dotted!r}: {where} has no field {part!r}"
+                        f"{_suggest(part, keys)}.")
+    if depth == len(parts) - 1:
+      return node, part
+    node = node[part]
+  raise AssertionError("unreachable")
+
+
+def _convert(raw: str, current: Any, what: str):
+  """Converts a command-line string to the type of the value it replaces."""
+  if isinstance(current, bool):
+    low = raw.lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    raise ConfigError(f"{what} expects a boolean (true/false), got {raw!r}.")
+  if isinstance(current, str):
+    return raw
+  if isinstance(current, (ml_collections.ConfigDict, dict)):
+    raise ConfigError(f"{what} is a group of fields; set its members, e.g. {what}.<field>=...")
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    if current is None:
+      return raw  # Unset fields (None) take strings as given.
+    raise ConfigError(f"{what} expects {type(current).__name__}, got {raw!r}.") from None
+  if current is None:
+    return value
+  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):
+    return type(current)(value)
+  if isinstance(value, bool) or not isinstance(value, type(current)):
+    raise ConfigError(f"{what} expects {type(current).__name__}, got {raw!r} "
+                      f"({type(value).__name__}).")
+  return value
+
+
+def _suggest(key: str, keys) -> str:
+  close = difflib.get_close_matches(key, list(keys), n=1)
+  return f" (did you mean {close[0]!r}?)" if close else ""
