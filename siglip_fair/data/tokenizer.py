@@ -1,0 +1,151 @@
+"""SentencePiece tokenizer: local training and fixed-length encoding.
+
+Id convention (the same as the T5/big_vision SentencePiece models, so their
+`.model` files can be used as-is): pad = 0, eos = 1, unk = 2, no bos. The text
+tower relies on 0 meaning padding.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+PAD_ID = 0
+EOS_ID = 1
+UNK_ID = 2
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+  """Writes `data` to `path` via a temp file in the same folder + os.replace."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".model")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def train_sentencepiece(
+    texts: Iterable[str | bytes],
+    vocab_size: int,
+    path: str,
+    *,
+    model_type: str = "unigram",
+) -> str:
+  """Trains a lower-casing SentencePiece model on `texts`, saved at `path`.
+
+  Args:
+    texts: training sentences (str or utf-8 bytes); consumed once.
+    vocab_size: number of pieces including pad/eos/unk, e.g. 256-1000. Acts as
+      an upper bound: a tiny corpus may yield fewer pieces.
+    path: destination `.model` file (written atomically).
+    model_type: "unigram" or "bpe".
+
+  Returns:
+    `path`.
+  """
+  if vocab_size < 4:
+    raise ValueError(
+        f"vocab_size={vocab_size} must be >= 4 (pad, eos, unk + 1 piece).")
+  if model_type not in ("unigram", "bpe"):
+    raise ValueError(f"model_type={model_type!r}; use 'unigram' or 'bpe'.")
+
+  def sentences():
+    for t in texts:
+      yield t.decode("utf-8") if isinstance(t, bytes) else t
+
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=sentences(),
+      model_writer=model,
+      vocab_size=vocab_size,
+      model_type=model_type,
+      # NFKC + case folding: captions are matched case-insensitively.
+      normalization_rule_name="nmt_nfkc_cf",
+      pad_id=PAD_ID,
+      eos_id=EOS_ID,
+      unk_id=UNK_ID,
+      bos_id=-1,
+      character_coverage=1.0,
+      # Small synthetic corpora cannot always fill `vocab_size` pieces.
+      hard_vocab_limit=False,
+      num_threads=1,
+      minloglevel=2,
+  )
+  _atomic_write_bytes(path, model.getvalue())
+  return path
+
+
+class Tokenizer:
+  """Fixed-length SentencePiece encoder; the model is loaded once.
+
+  Attributes:
+    max_len: L, the length of every encoded row.
+    vocab_size: number of pieces (embedding table size).
+  """
+
+  def __init__(self, model_path: str, max_len: int):
+    if max_len < 1:
+      raise ValueError(f"max_len={max_len} must be >= 1 (room for EOS).")
+    if not os.path.isfile(model_path):
+      raise ValueError(
+          f"SentencePiece model {model_path!r} does not exist; train one with "
+          "train_sentencepiece(...) or pass the path of a `.model` file.")
+    with open(model_path, "rb") as f:
+      proto = f.read()
+    self._sp = spm.SentencePieceProcessor()
+    try:
+      self._sp.LoadFromSerializedProto(proto)
+    except (RuntimeError, OSError) as e:
+      raise ValueError(
+          f"{model_path!r} is not a valid SentencePiece model ({e}).") from e
+    if self._sp.pad_id() != PAD_ID or self._sp.eos_id() < 0:
+      raise ValueError(
+          f"{model_path!r} has pad_id={self._sp.pad_id()}, "
+          f"eos_id={self._sp.eos_id()}; the text contract needs pad_id=0 and "
+          "an eos id. Retrain with train_sentencepiece(...).")
+    self.model_path = model_path
+    self.max_len = max_len
+    self.eos_id = self._sp.eos_id()
+    self.vocab_size = self._sp.get_piece_size()
+
+  def encode(self, texts: Sequence[str | bytes]) -> np.ndarray:
+    """Encodes texts to int32 [N, max_len]: pieces, EOS, then 0-padding.
+
+    Longer texts are truncated so that EOS stays the last token.
+    """
+    if isinstance(texts, (str, bytes)):
+      raise ValueError("encode expects a sequence of texts, got a single "
+                       "string; wrap it in a list.")
+    texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t)
+             for t in texts]
+    out = np.zeros((len(texts), self.max_len), np.int32)
+    for row, ids in zip(out, self._sp.encode(texts, out_type=int)):
+      ids = ids[: self.max_len - 1]
+      row[: len(ids)] = ids
+      row[len(ids)] = self.eos_id
+    return out
+
+  def decode(self, tokens: np.ndarray) -> list[str]:
+    """Decodes int [N, L] (or one row [L]) to N strings, stopping at EOS."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim == 1:
+      tokens = tokens[None]
+    if tokens.ndim != 2:
+      raise ValueError(
+          f"decode expects [N, L] tokens, got shape {tokens.shape}.")
+    rows = []
+    for row in tokens.tolist():
+      if self.eos_id in row:
+        row = row[: row.index(self.eos_id)]
+      rows.append([t for t in row if t != PAD_ID])
+    return self._sp.decode(rows)
