@@ -13,6 +13,7 @@ import ast
 import difflib
 import importlib.util
 import os
+import sys
 from typing import Any, Sequence
 
 import ml_collections
@@ -62,7 +63,14 @@ def load_config_file(spec: str) -> tuple[ml_collections.ConfigDict, Any]:
   name = "siglip_fair_config_" + os.path.splitext(os.path.basename(path))[0]
   module_spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  # Variants import their base as `from configs import siglip`: make the folder that holds
+  # the config's package importable while the file runs.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  sys.path.insert(0, root)
+  try:
+    module_spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(root)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} defines no get_config(arg).")
   config = module.get_config(arg or None)

@@ -1,0 +1,24 @@
+"""Evaluation: metric math on embeddings and evaluators that embed eval splits.
+
+* `metrics`: zero-shot classification, retrieval Recall@k (quality, SPEC §4).
+* `bias`: representation bias, association bias, attribute accuracy (SPEC §3).
+* `bootstrap`: percentile confidence intervals over images.
+* `data_bias`: the same biases measured on dataset annotations (before/after M4).
+* `evaluators`: `build_evaluators(config.evals, context)`, `run_all(evaluators, params)`.
+"""
+from siglip_fair.evaluate.bootstrap import bootstrap_ci
+from siglip_fair.evaluate.data_bias import data_bias_before_after, data_bias_metrics
+from siglip_fair.evaluate.evaluators import (
+    EVALUATORS,
+    EvalContext,
+    build_evaluators,
+    default_evals_config,
+    preprocess_images,
+    run_all,
+)
+
+__all__ = [
+    "EVALUATORS", "EvalContext", "bootstrap_ci", "build_evaluators",
+    "data_bias_before_after", "data_bias_metrics", "default_evals_config",
+    "preprocess_images", "run_all",
+]

@@ -1,0 +1,67 @@
+"""One SigLIP (or CLIP) training run on the synthetic biased world.
+
+    python -m siglip_fair train --config configs/siglip.py:data=balanced,steps=1500 --workdir w/bal
+
+Arguments (``get_config("key=value,...")``):
+  variant: image tower, e.g. mu/4, Ti/8, S/16.  text: text tower size (mu, Ti, S, ...).
+  width: override both towers' width (0 keeps the variant's).  depth: same for depth.
+  embed: representation (embedding) width.  res: image resolution.
+  steps: training steps.  batch: global batch size.  loss: sigmoid | softmax.
+  data: baseline | balanced (reads the keep mask from ``balance_dir``).  seed: run seed.
+"""
+import ml_collections
+
+from siglip_fair.annotate import default_config as annotate_config
+from siglip_fair.balance.m4 import default_config as m4_config
+from siglip_fair.config import parse_arg
+from siglip_fair.data import world
+from siglip_fair.evaluate.evaluators import default_evals_config
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, variant="mu/4", text="mu", width=64, depth=2, embed=64, res=32,
+                  steps=1200, batch=128, loss="sigmoid", data="baseline", seed=0, lr=3e-3)
+  c = ml_collections.ConfigDict()
+  c.seed = arg.seed
+
+  # data -> annotate -> balance
+  c.world = world.default_config()
+  c.world.image_size = arg.res
+  c.data_dir = ""  # '' = <workdir>/data; share one folder between runs to build it once.
+  c.tokenizer = ml_collections.ConfigDict(dict(path="", vocab_size=320, max_len=16))
+  c.annotate = annotate_config()
+  c.balance = m4_config()
+  c.data_version = arg.data  # baseline | balanced
+  c.balance_dir = ""  # '' = <workdir>/balance (written by the `balance` subcommand)
+
+  # train
+  c.loss = arg.loss
+  c.batch_size = arg.batch
+  c.total = str(arg.steps)
+  c.warmup = "5%"
+  c.log_every = "2%"
+  c.ckpt_every = "25%"
+  c.eval_every = "10%"
+  c.keep_ckpts = 2
+  c.progress = True
+  overrides = {k: v for k, v in dict(width=arg.width, depth=arg.depth).items() if v}
+  c.model = ml_collections.ConfigDict(dict(
+      image=dict(variant=arg.variant, pool="gap", **overrides),
+      text=dict(variant=arg.text, vocab_size=c.tokenizer.vocab_size, max_len=c.tokenizer.max_len,
+                pool="last", **overrides),
+      embed_dim=arg.embed,
+      t_init=10.0 if arg.loss == "sigmoid" else 1 / 0.07,
+      b_init=-10.0 if arg.loss == "sigmoid" else 0.0,
+  ))
+  c.optim = ml_collections.ConfigDict(dict(name="adamw", lr=arg.lr, wd=1e-4, b1=0.9, b2=0.98,
+                                           clip_norm=1.0))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1))
+
+  # evaluate
+  c.evals = default_evals_config(
+      world.OBJECT_CLASSES,
+      occupation_pairs=[(world.OCCUPATIONS[i], world.OCCUPATIONS[j])
+                        for i, j in world.OCCUPATION_PAIRS],
+      groups=world.GROUPS, num_bootstrap=1000)
+  c.eval_batch_size = 250
+  return c

@@ -1,0 +1,167 @@
+"""RB, AB, attribute accuracy and data-level bias on planted data, against
+brute-force loops and hand counts."""
+import warnings
+
+import numpy as np
+import pytest
+
+from siglip_fair.evaluate import bias, data_bias
+from siglip_fair.evaluate.bootstrap import bootstrap_ci
+
+D = 8
+
+
+def _basis(i):
+  return np.eye(D, dtype=np.float32)[i]
+
+
+def _image(rng, components):
+  """A unit vector with the given {axis: value} plus small noise elsewhere."""
+  x = np.zeros(D, np.float32)
+  x[6:] = 0.1 * rng.normal(size=D - 6)
+  for axis, value in components.items():
+    x[axis] = value
+  return x / np.linalg.norm(x)
+
+
+def test_representation_bias_planted_70_percent_with_ties():
+  rng = np.random.default_rng(0)
+  # 60 prefer "man" (axis 0), 20 tie (count half), 20 prefer "woman" (axis 1):
+  # share = 0.6 + 0.5 * 0.2 = 0.7 -> RB = 0.2.
+  plan = [(0.9, 0.2)] * 60 + [(0.5, 0.5)] * 20 + [(0.1, 0.7)] * 20
+  img = np.stack([_image(rng, {0: a, 1: b}) for a, b in rng.permutation(plan)])
+  prefer = bias.prefers_first(img, _basis(0), _basis(1))
+  loop = [1.0 if x[0] > x[1] else 0.5 if x[0] == x[1] else 0.0 for x in img]
+  np.testing.assert_array_equal(prefer, loop)
+  assert bias.representation_bias(prefer) == pytest.approx(0.2)
+  assert bias.representation_bias(1 - prefer) == pytest.approx(-0.2)
+
+
+def _planted_people(rng):
+  """Women prefer pair 0's first occupation 75 %, men 25 %; pair 1 50/50."""
+  rows = []
+  for gender, n, k0, k1 in ((1, 40, 30, 20), (0, 60, 15, 30)):
+    for i in range(n):
+      first0, first1 = i < k0, i < k1
+      rows.append((gender, _image(rng, {2: float(first0), 3: float(not first0),
+                                        4: float(first1), 5: float(not first1)})))
+  order = rng.permutation(len(rows))
+  gender = np.array([rows[i][0] for i in order])
+  img = np.stack([rows[i][1] for i in order])
+  first = np.stack([_basis(2), _basis(4)])
+  second = np.stack([_basis(3), _basis(5)])
+  return img, gender, first, second
+
+
+def test_association_bias_planted_gaps_match_loops():
+  img, gender, first, second = _planted_people(np.random.default_rng(1))
+  prefer = bias.prefers_first(img, first, second)
+  assert prefer.shape == (100, 2)
+  gaps, mean_abs = bias.association_bias(prefer, gender, 1, 0)
+  np.testing.assert_allclose(gaps, [0.5, 0.0], atol=1e-6)
+  assert mean_abs == pytest.approx(0.25)
+  for p in range(2):
+    rate = {g: np.mean([float(img[n] @ first[p] > img[n] @ second[p])
+                        for n in range(100) if gender[n] == g]) for g in (0, 1)}
+    assert gaps[p] == pytest.approx(rate[1] - rate[0])
+
+
+def test_association_bias_empty_group_is_nan_without_warnings():
+  prefer = np.ones((5, 3), np.float32)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    gaps, mean_abs = bias.association_bias(prefer, np.zeros(5, int), 1, 0)
+  assert np.all(np.isnan(gaps)) and np.isnan(mean_abs)
+
+
+def test_association_bias_vectorises_over_bootstrap_replicates():
+  img, gender, first, second = _planted_people(np.random.default_rng(2))
+  prefer = bias.prefers_first(img, first, second)
+  idx = np.random.default_rng(3).integers(0, 100, (6, 100))
+  batched, batched_mean = bias.association_bias(prefer[idx], gender[idx], 1, 0)
+  for b in range(6):
+    gaps, mean_abs = bias.association_bias(prefer[idx[b]], gender[idx[b]], 1, 0)
+    np.testing.assert_allclose(batched[b], gaps, rtol=1e-6)
+    assert batched_mean[b] == pytest.approx(mean_abs)
+
+  def stat(p, g):
+    return bias.association_bias(p, g, 1, 0)[1]
+
+  point, lo, hi = bootstrap_ci(stat, prefer, gender, seed=0, num_samples=300)
+  assert point == pytest.approx(0.25) and lo < 0.25 < hi
+
+
+def test_attribute_accuracy_planted_and_ties_are_wrong():
+  rng = np.random.default_rng(4)
+  labels = np.repeat([0, 1], 50)
+  correct = np.arange(100) % 10 != 0  # 90 % correct
+  img = np.stack([
+      _image(rng, {int(lab if ok else 1 - lab): 1.0, int(1 - lab if ok else lab): 0.2})
+      for lab, ok in zip(labels, correct)])
+  groups = np.stack([_basis(0), _basis(1)])
+  hits = bias.attribute_correct(img, groups, labels)
+  assert hits.mean() == pytest.approx(0.9)
+  tied = bias.attribute_correct(np.full((2, D), 0.5), groups, np.array([0, 1]))
+  np.testing.assert_array_equal(tied, [0, 0])
+
+
+# ------------------------------------------------------------- data level ---
+
+GROUPS = ("man", "woman")
+LABELS = ("nurse", "doctor", "librarian", "scientist")
+PAIRS = [("nurse", "doctor"), ("librarian", "scientist")]
+
+
+def _annotations():
+  # (gender or None if unknown, label or None)
+  rows = [("man", "doctor"), ("man", "doctor"), ("man", "nurse"),
+          ("woman", "nurse"), ("woman", "nurse"), ("woman", "doctor"),
+          ("man", "librarian"), ("woman", "scientist"), (None, "nurse"),
+          ("man", None)]
+  s = np.array([[g == x for x in GROUPS] for g, _ in rows], np.float32)
+  y = np.array([[l == x for x in LABELS] for _, l in rows], np.float32)
+  known = np.array([g is not None for g, _ in rows], np.float32)
+  return {"s": s, "known": known, "y": y, "w": np.zeros((10, 0), np.float32),
+          "u": np.zeros(10, np.float32)}
+
+
+def test_data_bias_matches_hand_counts_before_and_after():
+  q = np.array([0.5, 0.5, 1, 1, 1, 1, 1, 1, 1, 0])
+  out = data_bias.data_bias_before_after(
+      _annotations(), q, group_names=GROUPS, label_names=LABELS, pairs=PAIRS)
+  expected = {
+      # Before: 5 men, 4 women known; nurse share 1/3 (men) vs 2/3 (women).
+      "data/before/prevalence/man": 5 / 9, "data/before/prevalence/woman": 4 / 9,
+      "data/before/rb": 100 / 9,
+      "data/before/ab/nurse_doctor": 100 * (2 / 3 - 1 / 3),
+      "data/before/ab/librarian_scientist": -100.0,
+      "data/before/ab_mean": (100 / 3 + 100) / 2,
+      # After: halved male doctors, dropped the unlabelled man.
+      "data/after/prevalence/man": 3 / 7, "data/after/prevalence/woman": 4 / 7,
+      "data/after/rb": 100 * (3 / 7 - 4 / 7),
+      "data/after/ab/nurse_doctor": 100 * (2 / 3 - 1 / 2),
+      "data/after/ab/librarian_scientist": -100.0,
+      "data/after/ab_mean": (100 / 6 + 100) / 2,
+  }
+  assert out.keys() == expected.keys()
+  for key, value in expected.items():
+    assert out[key] == pytest.approx(value), key
+
+
+def test_data_bias_empty_pair_is_nan_and_bad_input_is_explained():
+  ann = _annotations()
+  ann["y"][:, 2:] = 0  # nobody is a librarian or scientist any more
+  out = data_bias.data_bias_metrics(ann, group_names=GROUPS, label_names=LABELS,
+                                    pairs=PAIRS, scale=1.0)
+  assert np.isnan(out["data/ab/librarian_scientist"])
+  assert np.isnan(out["data/ab_mean"])
+  assert out["data/ab/nurse_doctor"] == pytest.approx(1 / 3)
+  with pytest.raises(ValueError, match="Unknown label 'pilot'"):
+    data_bias.data_bias_metrics(ann, group_names=GROUPS, label_names=LABELS,
+                                pairs=[("pilot", "nurse")])
+  with pytest.raises(ValueError, match="q must be"):
+    data_bias.data_bias_metrics(ann, group_names=GROUPS, label_names=LABELS,
+                                pairs=PAIRS, q=np.ones(3))
+  with pytest.raises(ValueError, match="no 'known'"):
+    data_bias.data_bias_metrics({"s": ann["s"], "y": ann["y"]}, group_names=GROUPS,
+                                label_names=LABELS, pairs=PAIRS)

@@ -1,0 +1,210 @@
+"""Evaluators end to end with fake towers on small in-memory splits.
+
+The fake image tower reads a planted vector out of the pixels (undoing the
+[-1, 1] normalisation, so a wrong preprocessing breaks it); the fake text tower
+is a bag of words with one axis per known word. Expected values are planted or
+recomputed with brute-force loops.
+"""
+import re
+
+import ml_collections
+import numpy as np
+import pytest
+
+from siglip_fair.evaluate import evaluators as ev
+
+D = 16
+AXIS = {"man": 0, "male": 0, "gentleman": 0, "woman": 1, "female": 1, "lady": 1,
+        "nurse": 2, "doctor": 3, "librarian": 4, "scientist": 5,
+        "cat": 6, "dog": 7, "car": 8, **{f"obj{i}": 9 + i for i in range(7)}}
+VOCAB = sorted(AXIS)
+BATCH = 8
+
+
+class BagOfWords:
+  """encode: word ids (1-based, unknown words -> len(VOCAB) + 1), 0-padded."""
+
+  def encode(self, texts):
+    out = np.zeros((len(texts), 12), np.int32)
+    for row, text in zip(out, texts):
+      ids = [VOCAB.index(w) + 1 if w in AXIS else len(VOCAB) + 1
+             for w in re.findall(r"\w+", text.lower())]
+      row[:len(ids)] = ids
+    return out
+
+
+def _unit(x):
+  x = np.asarray(x, np.float64)
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _word_table():
+  table = np.zeros((len(VOCAB) + 2, D), np.float32)  # pad and unknown: zero
+  for i, word in enumerate(VOCAB):
+    table[i + 1, AXIS[word]] = 1.0
+  return table
+
+
+class FakeTowers:
+  """Embedders that record every batch shape they are called with."""
+
+  def __init__(self):
+    self.shapes = []
+
+  def embed_images(self, params, images):
+    self.shapes.append(images.shape)
+    assert images.dtype == np.float32 and images.min() >= -1 and images.max() <= 1
+    pixels = (images + 1.0) * 127.5
+    real = np.any(images != 0, axis=(1, 2, 3))  # padding rows are all zero
+    # Exact uint8 values come back only if preprocessing mapped [0, 255] to [-1, 1].
+    np.testing.assert_allclose(pixels[real], np.round(pixels[real]), atol=1e-3)
+    return _unit(np.round(pixels).reshape(len(images), -1)[:, :D] / 255.0)
+
+  def embed_texts(self, params, tokens):
+    self.shapes.append(tokens.shape)
+    return _unit(params["words"][tokens].sum(1))
+
+
+def _image(pixels):
+  """uint8 [2, 4, 3] image whose first D values are `pixels` (dict axis -> p)."""
+  flat = np.zeros(24, np.uint8)
+  for axis, p in pixels.items():
+    flat[axis] = p
+  return flat.reshape(2, 4, 3)
+
+
+def _objects():
+  records = []
+  # 14 of 21 images prefer "man" (axis 0); 3 classes, 1 in 4 misclassified;
+  # the last image is unlabelled (left out of zero-shot, kept for RB).
+  for i in range(21):
+    label = i % 3 if i < 20 else -1
+    wrong = (label + 1) % 3
+    cls = {6 + label: 200, 6 + wrong: 255} if i % 4 == 0 else {6 + label: 255, 6 + wrong: 200}
+    records.append({"image": _image({0: 90 if i < 14 else 30, 1: 60, **cls}),
+                    "object_label": np.int32(label), "kind": np.int32(0)})
+  return records
+
+
+def _people():
+  records = []
+  for gender, n, k0, k1 in ((1, 10, 8, 5), (0, 10, 3, 5)):
+    for i in range(n):
+      occ = {2: 200 if i < k0 else 100, 3: 100 if i < k0 else 200,
+             4: 200 if i < k1 else 100, 5: 100 if i < k1 else 200}
+      # Gender recognised for 9 of 10 images per group.
+      g = {gender: 150, 1 - gender: 50} if i != 9 else {gender: 50, 1 - gender: 150}
+      records.append({"image": _image({**occ, **g}), "gender": np.int32(gender)})
+  return records
+
+
+def _retrieval(rng):
+  records = []
+  for _ in range(11):
+    pixels = rng.integers(0, 256, 7)
+    # Each caption names the image's strongest object and a random one.
+    caps = [f"a photo of obj{pixels.argmax()} and obj{rng.integers(7)}"
+            for _ in range(3)]
+    records.append({
+        "image": _image({9 + a: p for a, p in enumerate(pixels)}),
+        "captions": np.array([c.encode() for c in caps], dtype=object)})
+  return records
+
+
+def _context(towers, rng=None):
+  sources = {"objects": _objects(), "people": _people(),
+             "retrieval": _retrieval(rng or np.random.default_rng(0))}
+  return ev.EvalContext(towers.embed_images, towers.embed_texts, BagOfWords(),
+                        sources, batch_size=BATCH)
+
+
+def _config(num_bootstrap=200):
+  config = ev.default_evals_config(
+      ["cat", "dog", "car"], occupation_pairs=[("nurse", "doctor"),
+                                               ("librarian", "scientist")],
+      num_bootstrap=num_bootstrap)
+  config.zeroshot.ks = (1, 2)
+  return config
+
+
+def test_all_evaluators_yield_planted_values_with_fixed_batches():
+  towers = FakeTowers()
+  context = _context(towers)
+  params = {"words": _word_table()}
+  out = ev.run_all(ev.build_evaluators(_config(), context), params)
+
+  assert out["zeroshot/top1"] == pytest.approx(15 / 20)
+  assert out["zeroshot/top2"] == pytest.approx(1.0)
+  assert out["bias/rb"] == pytest.approx(100 * (14 / 21 - 0.5))
+  assert out["bias/ab/nurse_doctor"] == pytest.approx(100 * (0.8 - 0.3))
+  assert out["bias/ab/librarian_scientist"] == pytest.approx(0.0)
+  assert out["bias/ab_mean"] == pytest.approx(25.0)
+  assert out["bias/gender_acc"] == pytest.approx(0.9)
+  for name in ("zeroshot/top1", "bias/rb", "bias/ab/nurse_doctor",
+               "bias/ab_mean", "bias/gender_acc"):
+    assert out[name + "_lo"] <= out[name] <= out[name + "_hi"], name
+  assert out["bias/rb_lo"] < out["bias/rb_hi"]
+  assert {k for k in out if k.startswith("retrieval/")} == {
+      f"retrieval/{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+  # Every embedder call had the fixed batch size (text rows are [BATCH, 12]).
+  assert {s[0] for s in towers.shapes} == {BATCH}
+
+
+def test_retrieval_evaluator_matches_brute_force_loops():
+  rng = np.random.default_rng(1)
+  towers = FakeTowers()
+  context = _context(towers, rng)
+  evaluator = ev.build_evaluators({"retrieval": {"ks": (1, 3)}}, context)
+  out = dict(evaluator["retrieval"].run({"words": _word_table()}))
+
+  records = context.sources["retrieval"]
+  img = _unit([r["image"].reshape(-1)[:D] / 255.0 for r in records])
+  texts, owner = [], []
+  for i, r in enumerate(records):
+    texts += [c.decode() for c in r["captions"]]
+    owner += [i] * len(r["captions"])
+  txt = _unit([[sum(AXIS.get(w) == a for w in t.split()) for a in range(D)] for t in texts])
+  sims = img @ txt.T
+  for k in (1, 3):
+    i2t = [sum(sims[i, j] >= max(sims[i, jj] for jj in range(len(texts)) if owner[jj] == i)
+               for j in range(len(texts)) if owner[j] != i) < k for i in range(len(img))]
+    t2i = [sum(sims[i, j] >= sims[owner[j], j] for i in range(len(img)) if i != owner[j]) < k
+           for j in range(len(texts))]
+    assert out[f"retrieval/i2t_r{k}"] == pytest.approx(np.mean(i2t))
+    assert out[f"retrieval/t2i_r{k}"] == pytest.approx(np.mean(t2i))
+  assert 0 < out["retrieval/i2t_r1"] < 1 and 0 < out["retrieval/t2i_r1"] < 1
+
+
+def test_bootstrap_off_and_empty_group():
+  towers = FakeTowers()
+  context = _context(towers)
+  context.sources["people"][:] = [r for r in context.sources["people"]
+                                  if r["gender"] == 0]  # no women left
+  config = {"ab": {"type": "association_bias", "pairs": [["nurse", "doctor"]],
+                   "bootstrap": {"num_samples": 0}}}
+  out = ev.run_all(ev.build_evaluators(config, context), {"words": _word_table()})
+  assert set(out) == {"bias/ab/nurse_doctor", "bias/ab_mean"}
+  assert np.isnan(out["bias/ab_mean"])
+
+
+def test_config_errors_are_explained():
+  context = _context(FakeTowers())
+  with pytest.raises(ValueError, match="unknown config key.*'clases'"):
+    ev.build_evaluators({"zeroshot": {"clases": ["cat"]}}, context)
+  with pytest.raises(ValueError, match="known types"):
+    ev.build_evaluators({"foo": {}}, context)
+  with pytest.raises(ValueError, match="needs split 'valid'"):
+    ev.build_evaluators({"rb": {"type": "representation_bias", "split": "valid"}},
+                        context)
+  with pytest.raises(ValueError, match="needs `classes`"):
+    ev.build_evaluators({"zeroshot": {}}, context)
+  twice = ml_collections.ConfigDict({"a": {"type": "representation_bias"},
+                                     "b": {"type": "representation_bias"}})
+  with pytest.raises(ValueError, match="already produced"):
+    ev.run_all(ev.build_evaluators(twice, context), {"words": _word_table()})
+  on_objects = ev.build_evaluators(
+      {"ab": {"type": "association_bias", "split": "objects"}}, context)
+  with pytest.raises(ValueError, match=r"no field\(s\) \['gender'\]"):
+    ev.run_all(on_objects, {"words": _word_table()})
+  with pytest.raises(ValueError, match="uint8"):
+    ev.preprocess_images(np.zeros((2, 2, 3), np.float32))

@@ -1,0 +1,99 @@
+"""Summary JSON / Markdown and plots."""
+import json
+import math
+import os
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from siglip_fair import report
+from siglip_fair.report import summary
+
+ROWS = [
+    {"model": "baseline", "zeroshot/top1": 0.5, "zeroshot/top1_lo": 0.4,
+     "zeroshot/top1_hi": 0.6, "bias/rb": np.float32(20.0), "bias/rb_lo": 12.5,
+     "bias/rb_hi": 27.25, "bias/ab/nurse_doctor": 30.0, "bias/ab_mean": 22.0,
+     "bias/ab_mean_lo": 15.0, "bias/ab_mean_hi": 29.0, "steps": np.int64(300)},
+    {"model": "balanced", "zeroshot/top1": 0.55, "bias/rb": 2.0, "bias/rb_lo": -4.0,
+     "bias/rb_hi": 8.0, "bias/ab/nurse_doctor": float("nan"), "bias/ab_mean": 5.0,
+     "retrieval/i2t_r1": 0.25},
+]
+
+
+def _table(text):
+  """Markdown table lines -> list of cell lists (header first, no separator)."""
+  lines = [l for l in text.splitlines() if l.startswith("|")]
+  assert set(lines[1]) <= {"|", "-"}
+  return [[c.strip() for c in l.strip("|").split(" | ")] for l in lines[:1] + lines[2:]]
+
+
+def test_write_summary_json_and_markdown(tmp_path):
+  json_path, md_path = report.write_summary(ROWS, str(tmp_path))
+  with open(json_path) as f:
+    records = json.load(f, parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+  assert [r["model"] for r in records] == ["baseline", "balanced"]
+  assert records[0]["bias/rb"] == 20.0 and records[0]["steps"] == 300
+  assert records[0]["zeroshot/top1_lo"] == 0.4
+  assert records[1]["bias/ab/nurse_doctor"] is None  # NaN -> null
+
+  with open(md_path) as f:
+    cells = _table(f.read())
+  assert cells[0] == ["metric", "baseline", "balanced"]
+  body = {row[0]: row[1:] for row in cells[1:]}
+  assert list(body) == ["zeroshot/top1", "bias/rb", "bias/ab/nurse_doctor",
+                        "bias/ab_mean", "steps", "retrieval/i2t_r1"]
+  assert body["zeroshot/top1"] == ["0.5 [0.4, 0.6]", "0.55"]
+  assert body["bias/rb"] == ["20 [12.5, 27.25]", "2 [-4, 8]"]
+  assert body["bias/ab/nurse_doctor"] == ["30", "nan"]
+  assert body["retrieval/i2t_r1"] == ["–", "0.25"]
+  assert sorted(os.listdir(tmp_path)) == ["summary.json", "summary.md"]
+  with open(md_path) as f:
+    assert report.format_table(ROWS) in f.read()
+
+
+def test_table_rejects_unnamed_or_duplicate_models():
+  with pytest.raises(ValueError, match="unique"):
+    report.format_table([{"model": "a"}, {"model": "a"}])
+  with pytest.raises(ValueError, match="'model'"):
+    report.format_table([{"bias/rb": 1.0}])
+
+
+def test_bound_without_its_metric_is_a_metric():
+  assert summary.metric_names([{"model": "m", "x_hi": 1.0, "y": 2, "y_lo": 1}]) == ["x_hi", "y"]
+
+
+def _is_matplotlib_png(path):
+  with open(path, "rb") as f:
+    data = f.read()
+  image = matplotlib.image.imread(path)
+  return (data.startswith(b"\x89PNG\r\n\x1a\n") and b"matplotlib" in data
+          and image.ndim == 3 and min(image.shape[:2]) > 100)
+
+
+def test_plot_training_curves(tmp_path):
+  paths = {}
+  for name, slope in (("baseline", 1.0), ("balanced", 0.5)):
+    path = tmp_path / f"{name}.jsonl"
+    lines = [{"step": s, "examples_seen": 32 * s, "loss": math.exp(-s / 50)}
+             for s in range(10, 101, 10)]
+    lines += [{"step": s, "bias/rb": slope * s / 10, "bias/rb_lo": slope * s / 10 - 1,
+               "bias/rb_hi": slope * s / 10 + 1, "bias/ab_mean": "nan"}
+              for s in (50, 100)]
+    path.write_text("\n".join(json.dumps(l) for l in lines) + "\n")
+    paths[name] = str(path)
+  out = report.plot_training_curves(paths, str(tmp_path / "curves.png"),
+                                    x="examples_seen")
+  assert _is_matplotlib_png(out)
+  with pytest.raises(ValueError, match="missing: \\['bias/nope'\\]"):
+    report.plot_training_curves(paths, str(tmp_path / "x.png"), metrics=["bias/nope"])
+  with pytest.raises(ValueError, match="does not exist"):
+    report.plot_training_curves({"a": str(tmp_path / "none.jsonl")}, str(tmp_path / "x.png"))
+
+
+def test_plot_bias_bars(tmp_path):
+  out = report.plot_bias_bars(ROWS, str(tmp_path / "plots" / "bias.png"))
+  assert _is_matplotlib_png(out)
+  assert os.listdir(tmp_path / "plots") == ["bias.png"]
+  with pytest.raises(ValueError, match="No bias metrics"):
+    report.plot_bias_bars([{"model": "a", "zeroshot/top1": 1.0}], str(tmp_path / "x.png"))
