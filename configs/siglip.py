@@ -51,7 +51,7 @@ def get_config(arg=None):
                 pool="last", **overrides),
       embed_dim=arg.embed,
       t_init=10.0 if arg.loss == "sigmoid" else 1 / 0.07,
-      b_init=-10.0 if arg.loss == "sigmoid" else 0.0,
+      b_init=-10.0 if arg.loss == "sigmoid" else None,
   ))
   c.optim = ml_collections.ConfigDict(dict(name="adamw", lr=arg.lr, wd=1e-4, b1=0.9, b2=0.98,
                                            clip_norm=1.0))

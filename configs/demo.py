@@ -1,0 +1,29 @@
+"""The demo study: baseline vs M4-balanced SigLIP on the synthetic biased world.
+
+    python -m siglip_fair demo --workdir workdir/demo
+    python -m siglip_fair demo --config configs/demo.py:steps=300 --config.balance.eta=0.8
+
+Arguments are those of configs/siglip.py (the base it overrides).
+"""
+from configs import siglip
+
+
+def get_config(arg=None):
+  c = siglip.get_config(arg)
+  # The planted biases: 30 % women among people (RB) and P(woman | occupation) of 0.5 / 0.1
+  # for the stereotypically female / male occupation of each pair (AB).
+  c.world.woman_prevalence = 0.3
+  c.world.association = 0.4
+  # Balance on text annotations, falling back to the image side (ground truth here, zero-shot
+  # inference later) where a caption names no group.
+  c.annotate.source = "combined"
+  c.annotate.rule = "text_first"
+  # Equal prevalence of the two groups, decorrelated from occupations. Exact balance keeps at most
+  # 80 % of this world (every object scene, and per occupation twice its minority group), so the
+  # budget is 70 %.
+  c.balance.pi = (0.5, 0.5)
+  c.balance.eta = 0.7
+  c.balance.eps_rep = 0.01
+  c.balance.eps_assoc = 0.005
+  c.demo = dict(versions=("baseline", "balanced"))
+  return c

@@ -1,0 +1,63 @@
+"""Text transformer tower. Token id 0 is padding: it is never attended to nor pooled."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from siglip_fair.models.vit import Encoder, MAPHead
+
+TEXT_POOLS = ("last", "first", "map", "gap")
+
+
+class TextTransformer(nn.Module):
+  """Text tower: tokens i32 [B, L] (L <= max_len) -> (pooled [B, width], tokens [B, L, width]).
+
+  Pooling: 'last' = the last non-padding token (an EOS-style summary; the tokenizer pads on the
+  right), 'first' = position 0, 'gap' = mean over non-padding tokens, 'map' = attention pooling
+  over non-padding tokens.
+  """
+  vocab_size: int
+  max_len: int
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  pool: str = "last"
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, text, *, train: bool = False):
+    if self.pool not in TEXT_POOLS:
+      raise ValueError(f"model.text.pool={self.pool!r}; use one of {TEXT_POOLS}.")
+    if text.ndim != 2 or text.shape[1] > self.max_len:
+      raise ValueError(
+          f"text must be int tokens [B, L] with L <= model.text.max_len={self.max_len}; "
+          f"got shape {text.shape}.")
+    valid = text != 0
+    x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype,
+                 embedding_init=nn.initializers.normal(stddev=self.width ** -0.5),
+                 name="embedding")(text)
+    pos = self.param("pos_embedding", nn.initializers.normal(stddev=self.width ** -0.5),
+                     (1, self.max_len, self.width))
+    x = x + pos[:, :text.shape[1]].astype(x.dtype)
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    # Only keys are masked: padded query rows still see the valid tokens, so nothing is NaN even
+    # for an all-padding (empty) caption, and padded positions are dropped at pooling.
+    mask = valid[:, None, None, :]
+    x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout, self.dtype,
+                name="Encoder_0")(x, mask, train=train)
+    if self.pool == "first":
+      pooled = x[:, 0]
+    elif self.pool == "last":
+      positions = jnp.arange(text.shape[1])
+      last = jnp.max(jnp.where(valid, positions, 0), axis=1)
+      pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    elif self.pool == "gap":
+      count = jnp.maximum(valid.sum(axis=1, keepdims=True), 1).astype(x.dtype)
+      pooled = jnp.sum(x * valid[..., None].astype(x.dtype), axis=1) / count
+    else:
+      pooled = MAPHead(self.mlp_dim, self.num_heads, self.dtype, name="MAPHead_0")(x, mask)
+    return pooled, x

@@ -1,0 +1,115 @@
+"""Two-tower (image + text) contrastive model, built from `config.model`.
+
+config.model = dict(
+    image=dict(variant='mu/4', pool='gap', posemb='learn'),   # + width/depth/mlp_dim/num_heads
+    text=dict(variant='mu', vocab_size=..., max_len=16, pool='last'),
+    embed_dim=64,        # shared embedding width, independent of the towers' widths
+    t_init=10.0,         # initial temperature (SigLIP 10; CLIP 1/0.07)
+    b_init=-10.0,        # initial logit bias (SigLIP -10); None = no bias (CLIP)
+    dtype='float32',     # compute dtype ('bfloat16' on accelerators); parameters stay float32
+)
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from siglip_fair.models.text import TextTransformer
+from siglip_fair.models.variants import OVERRIDABLE, decode_variant
+from siglip_fair.models.vit import ViT
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def l2_normalize(z, eps: float = 1e-8):
+  return z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + eps)
+
+
+class TwoTower(nn.Module):
+  """Image and text towers with linear heads into a shared, L2-normalised embedding space.
+
+  `apply({'params': p}, image [B, H, W, 3] | None, text i32 [B', L] | None)` returns
+  `(zimg f32 [B, D] | None, ztxt f32 [B', D] | None, extras)` with D = embed_dim and
+  extras = {'t': temperature (exp of the learnt log), 'b': logit bias (0 without bias),
+  'img/pre_logits': [B, width_img], 'txt/pre_logits': [B', width_txt]} (the latter two only
+  for towers that ran).
+  """
+  img: nn.Module
+  txt: nn.Module
+  embed_dim: int
+  t_init: float = 10.0
+  b_init: float | None = -10.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, image=None, text=None, *, train: bool = False):
+    log_t = self.param("t", nn.initializers.constant(jnp.log(self.t_init)), ())
+    if self.b_init is None:
+      b = jnp.zeros((), jnp.float32)
+    else:
+      b = self.param("b", nn.initializers.constant(self.b_init), ())
+    extras = {"t": jnp.exp(log_t), "b": b}
+    zimg = ztxt = None
+    if image is not None:
+      pooled, _ = self.img(image, train=train)
+      extras["img/pre_logits"] = pooled
+      z = nn.Dense(self.embed_dim, dtype=self.dtype, name="img_head")(pooled)
+      zimg = l2_normalize(z.astype(jnp.float32))
+    if text is not None:
+      pooled, _ = self.txt(text, train=train)
+      extras["txt/pre_logits"] = pooled
+      z = nn.Dense(self.embed_dim, dtype=self.dtype, name="txt_head")(pooled)
+      ztxt = l2_normalize(z.astype(jnp.float32))
+    return zimg, ztxt, extras
+
+
+def _sizes(tower_cfg, *, need_patch: bool) -> dict:
+  if "variant" not in tower_cfg:
+    raise ValueError("model.image / model.text need a 'variant', e.g. 'B/16' / 'B'.")
+  overrides = {k: tower_cfg.get(k) for k in OVERRIDABLE}
+  return decode_variant(tower_cfg["variant"], overrides=overrides, need_patch=need_patch)
+
+
+def make_model(config) -> TwoTower:
+  """Builds the two-tower model from `config.model` (see the module docstring)."""
+  dtype_name = config.get("dtype", "float32")
+  if dtype_name not in DTYPES:
+    raise ValueError(f"model.dtype={dtype_name!r}; use one of {sorted(DTYPES)}.")
+  dtype = DTYPES[dtype_name]
+  for key in ("image", "text", "embed_dim"):
+    if key not in config:
+      raise ValueError(f"config.model.{key} is required.")
+  icfg, tcfg = config["image"], config["text"]
+  if tcfg.get("vocab_size") is None:
+    raise ValueError("config.model.text.vocab_size is required (the tokenizer's vocabulary).")
+  img = ViT(**_sizes(icfg, need_patch=True), pool=icfg.get("pool", "gap"),
+            posemb=icfg.get("posemb", "learn"), dropout=icfg.get("dropout", 0.0), dtype=dtype)
+  txt = TextTransformer(**_sizes(tcfg, need_patch=False), vocab_size=int(tcfg["vocab_size"]),
+                        max_len=int(tcfg.get("max_len", 64)), pool=tcfg.get("pool", "last"),
+                        dropout=tcfg.get("dropout", 0.0), dtype=dtype)
+  t_init = float(config.get("t_init", 10.0))
+  if t_init <= 0:
+    raise ValueError(f"config.model.t_init must be > 0 (it is a temperature), got {t_init}.")
+  b_init = config.get("b_init", -10.0)
+  return TwoTower(img=img, txt=txt, embed_dim=int(config["embed_dim"]), t_init=t_init,
+                  b_init=None if b_init is None else float(b_init), dtype=dtype)
+
+
+def embed_fns(model: TwoTower) -> tuple[Callable, Callable]:
+  """Jitted single-tower embedding functions for evaluators.
+
+  Returns (embed_images(params, images [B, H, W, 3]) -> f32 [B, D],
+           embed_texts(params, tokens i32 [B, L]) -> f32 [B, D]).
+  """
+  @jax.jit
+  def embed_images(params, images):
+    return model.apply({"params": params}, images, None)[0]
+
+  @jax.jit
+  def embed_texts(params, tokens):
+    return model.apply({"params": params}, None, tokens)[1]
+
+  return embed_images, embed_texts

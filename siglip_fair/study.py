@@ -1,0 +1,205 @@
+"""One run of the study, stage by stage: data -> annotate -> balance -> train -> evaluate.
+
+`train_and_evaluate(config, workdir)` is the library entry point that the CLI, the demo, tests
+and Colab share (Flax-examples style). Each stage is also callable on its own and writes its
+outputs atomically into the workdir, so a rerun reuses what is already there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from siglip_fair import annotate
+from siglip_fair.data import builder, pipeline, world
+from siglip_fair.data.tokenizer import Tokenizer, train_sentencepiece
+from siglip_fair.report.summary import atomic_write
+
+EVAL_SPLITS = ("objects", "people", "retrieval")
+
+
+@dataclasses.dataclass
+class Data:
+  """The built dataset: one random-access source per split, and the tokenizer."""
+  sources: dict[str, Any]
+  tokenizer: Tokenizer
+  data_dir: str
+  train_fields: dict[str, np.ndarray]  # captions and ground truth of the train split (no images)
+
+
+def data_dir(config, workdir: str) -> str:
+  return config.get("data_dir") or os.path.join(workdir, "data")
+
+
+def balance_dir(config, workdir: str) -> str:
+  return config.get("balance_dir") or os.path.join(workdir, "balance")
+
+
+def prepare_data(config, workdir: str, *, report: bool = False) -> Data:
+  """Builds the world (TFDS ArrayRecord) and the tokenizer if missing; returns the sources."""
+  ddir = data_dir(config, workdir)
+  builder.build(config.world, ddir)
+  sources = {split: builder.data_source(config.world, ddir, split) for split in world.SPLITS}
+  train_fields = read_fields(sources["train"], ("captions", "kind", "s", "y", "w"))
+  tok = config.tokenizer
+  path = tok.get("path") or os.path.join(
+      ddir, f"spm_{builder.builder_config(config.world).name}_v{tok.vocab_size}.model")
+  if not os.path.exists(path):
+    if tok.get("path"):
+      raise FileNotFoundError(f"tokenizer.path={path!r} does not exist.")
+    captions = train_fields["captions"].reshape(-1)
+    train_sentencepiece((c.decode("utf-8") for c in captions), tok.vocab_size, path)
+  tokenizer = Tokenizer(path, tok.max_len)
+  if tokenizer.vocab_size > config.model.text.vocab_size:
+    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but "
+                     f"model.text.vocab_size={config.model.text.vocab_size}; raise the latter.")
+  data = Data(sources=sources, tokenizer=tokenizer, data_dir=ddir, train_fields=train_fields)
+  if report:
+    pr = annotation_report(config, data)
+    os.makedirs(workdir, exist_ok=True)
+    atomic_write(os.path.join(workdir, "annotation_report.json"), json.dumps(pr, indent=1))
+    print(f"data: {ddir}  tokenizer: {path}")
+    print("text annotation vs ground truth: " + ", ".join(
+        f"{k}={v:.3f}" for k, v in pr.items() if k.endswith("micro/precision")
+        or k.endswith("micro/recall") or k.startswith("known/")))
+  return data
+
+
+def read_fields(source, fields, chunk: int = 4096) -> dict[str, np.ndarray]:
+  """Stacks `fields` of every record of a source, reading `chunk` records at a time."""
+  out = {f: [] for f in fields}
+  for start in range(0, len(source), chunk):
+    keys = list(range(start, min(start + chunk, len(source))))
+    records = source.__getitems__(keys) if hasattr(source, "__getitems__") else [
+        source[i] for i in keys]
+    for f in fields:
+      out[f].extend(r[f] for r in records)
+  return {f: np.stack(v) for f, v in out.items()}
+
+
+def annotations(config, data: Data) -> dict[str, np.ndarray]:
+  """Annotations (s, known, y, w, u) of the training split under `config.annotate`."""
+  return annotate.annotate_split(data.train_fields, config.annotate)
+
+
+def annotation_report(config, data: Data) -> dict[str, float]:
+  """Precision / recall of the text lexicons against the world's ground truth."""
+  arrays = data.train_fields
+  text_cfg = config.annotate.copy_and_resolve_references()
+  text_cfg.source = "text"
+  pred = annotate.annotate_split(arrays, text_cfg)
+  truth = annotate.from_ground_truth(arrays)
+  names = dict(s=world.GROUPS, y=world.OCCUPATIONS, w=world.PROXIES)
+  return annotate.precision_recall(pred, truth, names)
+
+
+def names() -> dict:
+  return dict(groups=list(world.GROUPS), labels=list(world.OCCUPATIONS),
+              proxies=list(world.PROXIES))
+
+
+def balance(config, workdir: str, data: Data | None = None) -> dict[str, Any]:
+  """Annotates the training split and runs M4; writes balance/{m4.npz,card.json,card.md}."""
+  from siglip_fair.balance import m4
+  out = balance_dir(config, workdir)
+  path = os.path.join(out, "m4.npz")
+  if os.path.exists(path):
+    return load_balance(out)
+  data = data or prepare_data(config, workdir)
+  ann = annotations(config, data)
+  result = m4.balance(ann, config.balance, jax.random.key(config.balance.seed), names=names())
+  os.makedirs(out, exist_ok=True)
+  annotate.save_annotations(os.path.join(out, "annotations.npz"), ann)
+  atomic_write(os.path.join(out, "card.json"), json.dumps(result.card, indent=1))
+  atomic_write(os.path.join(out, "card.md"), m4.card_markdown(result.card))
+  # m4.npz last: its presence marks a complete balancing run.
+  _save_npz(path, q=result.q, keep=result.keep)
+  print(f"balance: kept {result.keep.mean():.3f} of {result.keep.size} examples "
+        f"(verdict: {result.card['verdict']}); card in {out}")
+  return load_balance(out)
+
+
+def load_balance(out: str) -> dict[str, Any]:
+  with np.load(os.path.join(out, "m4.npz"), allow_pickle=False) as f:
+    result = {k: f[k] for k in f.files}
+  with open(os.path.join(out, "card.json")) as f:
+    result["card"] = json.load(f)
+  result["annotations"] = annotate.load_annotations(os.path.join(out, "annotations.npz"))
+  return result
+
+
+def _save_npz(path: str, **arrays) -> None:
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def train_iterator(config, data: Data, keep: np.ndarray | None):
+  ds = pipeline.train_dataset(
+      data.sources["train"], tokenizer=data.tokenizer, global_batch_size=config.batch_size,
+      seed=config.seed, keep=keep, process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      read_options=pipeline.grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
+  return iter(ds)
+
+
+def make_evaluators(config, data: Data, model, *, bootstrap: bool):
+  from siglip_fair.evaluate import evaluators as ev
+  from siglip_fair.models.two_tower import embed_fns
+  embed_images, embed_texts = embed_fns(model)
+  context = ev.EvalContext(embed_images=embed_images, embed_texts=embed_texts,
+                           tokenizer=data.tokenizer,
+                           sources={s: data.sources[s] for s in EVAL_SPLITS},
+                           batch_size=config.eval_batch_size)
+  evals = config.evals.copy_and_resolve_references()
+  if not bootstrap:
+    for sub in evals.values():
+      if "bootstrap" in sub:
+        sub.bootstrap.num_samples = 0
+  return ev.build_evaluators(evals, context)
+
+
+def train_and_evaluate(config, workdir: str, *, data: Data | None = None,
+                       stop_after: int | None = None) -> dict[str, float]:
+  """Trains one model on `config.data_version` data and evaluates it; returns final metrics.
+
+  Writes to `workdir`: checkpoints/, metrics.jsonl (training curves with RB/AB over training)
+  and eval.json (final metrics with bootstrap intervals).
+  """
+  from siglip_fair.evaluate import evaluators as ev
+  from siglip_fair.models.two_tower import make_model
+  from siglip_fair.train import loop
+  os.makedirs(workdir, exist_ok=True)
+  data = data or prepare_data(config, workdir)
+  keep = None
+  if config.data_version == "balanced":
+    keep = balance(config, workdir, data)["keep"]
+  elif config.data_version != "baseline":
+    raise ValueError(f"data_version={config.data_version!r}; use 'baseline' or 'balanced'.")
+  model = make_model(config.model)
+  curve_evals = make_evaluators(config, data, model, bootstrap=False)
+  state = loop.train(config, workdir, train_iter=train_iterator(config, data, keep),
+                     evaluate_fn=lambda params, step: ev.run_all(curve_evals, params),
+                     num_examples=len(data.sources["train"]) if keep is None else int(keep.sum()),
+                     stop_after=stop_after)
+  final = ev.run_all(make_evaluators(config, data, model, bootstrap=True), state.params)
+  final["step"] = int(jax.device_get(state.step))
+  if jax.process_index() == 0:
+    atomic_write(os.path.join(workdir, "eval.json"), json.dumps(final, indent=1))
+  return final
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
+  """Evaluates the latest checkpoint of a finished or unfinished run in `workdir`."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise FileNotFoundError(f"no checkpoints in {workdir!r}; train first.")
+  # Training to the step that is already there restores without taking a step.
+  from siglip_fair.train import checkpoint
+  step = checkpoint.latest_step(workdir)
+  result = train_and_evaluate(config, workdir, stop_after=step)
+  print(json.dumps(result, indent=1))
+  return result

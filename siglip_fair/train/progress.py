@@ -1,0 +1,73 @@
+"""Metric logging (JSON lines) and a terminal progress bar."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+
+import numpy as np
+import tqdm
+
+
+def _plain(value):
+  value = np.asarray(value)
+  if value.ndim:
+    return value.tolist()
+  value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)  # JSON has no NaN/inf; keep the line parseable
+  return value
+
+
+class MetricWriter:
+  """Appends one JSON object per line to `path`.
+
+  On construction, lines with step > `resume_step` are dropped (atomically): they were written
+  by a run that died after its last checkpoint and will be logged again.
+  """
+
+  def __init__(self, path: str, resume_step: int = 0):
+    self.path = path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if os.path.exists(path):
+      self._truncate(resume_step)
+    self._file = open(path, "a", encoding="utf-8")
+
+  def _truncate(self, resume_step: int):
+    with open(self.path, encoding="utf-8") as f:
+      lines = [line for line in f if line.strip()]
+    keep = []
+    for line in lines:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # a line cut short by a crash
+      if record.get("step", 0) <= resume_step:
+        keep.append(json.dumps(record) + "\n")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(self.path)), suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.writelines(keep)
+    os.replace(tmp, self.path)
+
+  def write(self, step: int, metrics: dict):
+    record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+  """All records of a metrics.jsonl file, in order."""
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def progress_bar(total: int, initial: int, enabled: bool = True):
+  """tqdm bar over steps showing steps/s and ETA; off unless `enabled` and stderr is a terminal
+  (logs of batch jobs stay free of carriage-return noise)."""
+  return tqdm.tqdm(total=total, initial=initial, disable=not (enabled and sys.stderr.isatty()),
+                   unit="step", dynamic_ncols=True, smoothing=0.1)

@@ -1,0 +1,93 @@
+"""Device mesh, batch placement and regex sharding rules for the train state.
+
+The state is placed by `config.sharding_rules`, an ordered list of (regex, rule) pairs matched
+against each leaf's path (e.g. 'params/img/Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel',
+'opt_state/1/0/mu/img/...'); the first full match wins. Only 'replicate' exists today; FSDP or
+tensor-parallel rules become further entries of `RULES` without touching the train step.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from siglip_fair.train.state import tree_names
+
+DEFAULT_RULES = ((".*", "replicate"),)
+
+
+def make_mesh(mesh_cfg=None, devices=None) -> Mesh:
+  """Builds a mesh from {axis_name: size}; one size may be -1 (= all remaining devices).
+
+  `devices` defaults to all devices (of all processes).
+
+  Axes are `Auto` so XLA propagates shardings through the model from the annotated inputs
+  and outputs of the jitted step (GSPMD); e.g. {'data': -1} is pure data parallelism.
+  """
+  mesh_cfg = dict(mesh_cfg or {"data": -1})
+  names, sizes = tuple(mesh_cfg), [int(s) for s in mesh_cfg.values()]
+  devices = jax.devices() if devices is None else list(devices)
+  n = len(devices)
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"config.mesh={mesh_cfg}: sizes must be positive, with at most one -1.")
+  known = math.prod(s for s in sizes if s != -1)
+  if n % known:
+    raise ValueError(f"config.mesh={mesh_cfg}: {n} devices are not divisible by {known}.")
+  sizes = [n // known if s == -1 else s for s in sizes]
+  if math.prod(sizes) != n:
+    raise ValueError(
+        f"config.mesh={mesh_cfg} uses {math.prod(sizes)} devices but {n} are present; "
+        "use -1 for one axis to take the rest.")
+  return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names),
+                       devices=devices)
+
+
+def batch_sharding(mesh: Mesh, axis: str = "data") -> NamedSharding:
+  """Leading (batch) dimension split over `axis`, the rest replicated."""
+  return NamedSharding(mesh, P(axis))
+
+
+def global_batch(local_batch: dict, mesh: Mesh, axis: str = "data") -> dict:
+  """Process-local numpy arrays [b, ...] -> global jax.Arrays [b * processes, ...] on `axis`."""
+  sharding = batch_sharding(mesh, axis)
+  size = mesh.shape[axis]
+  out = {}
+  for key, x in local_batch.items():
+    x = np.asarray(x)
+    global_rows = x.shape[0] * jax.process_count() if x.ndim else 0
+    if x.ndim == 0 or global_rows % size:
+      raise ValueError(
+          f"batch[{key!r}] has shape {x.shape}: the global batch ({global_rows}) must be divisible "
+          f"by the '{axis}' mesh axis ({size}); change config.batch_size or config.mesh.")
+    out[key] = jax.make_array_from_process_local_data(sharding, x)
+  return out
+
+
+def _replicate(mesh: Mesh, shape) -> P:
+  del mesh, shape
+  return P()
+
+
+RULES = {"replicate": _replicate}
+
+
+def state_shardings(abstract_state, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedSharding for every leaf of `abstract_state` (arrays or ShapeDtypeStructs)."""
+  compiled = []
+  for pattern, rule in rules:
+    if rule not in RULES:
+      raise ValueError(f"config.sharding_rules: unknown rule {rule!r}; known: {sorted(RULES)}.")
+    compiled.append((re.compile(pattern), RULES[rule]))
+
+  def leaf_sharding(name, leaf):
+    if not leaf.shape:  # scalars (step, counts) are always replicated
+      return NamedSharding(mesh, P())
+    for regex, fn in compiled:
+      if regex.fullmatch(name):
+        return NamedSharding(mesh, fn(mesh, leaf.shape))
+    raise ValueError(f"config.sharding_rules: no rule matches {name!r}; end with ('.*', ...).")
+
+  return jax.tree.map(leaf_sharding, tree_names(abstract_state), abstract_state)

@@ -1,0 +1,90 @@
+"""Train state, its initialisation, and the sharded, jitted train step."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from siglip_fair.train.losses import LOSS_NAMES, contrastive_loss
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; a pytree, checkpointed as a whole.
+
+  step: int32 [] optimiser steps taken.
+  params: model parameters.
+  opt_state: optax state.
+  rng: uint32 [2] raw key data (`jax.random.key_data`); raw data checkpoints like any array.
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def tree_names(tree):
+  """Pytree like `tree` whose leaves are '/'-joined paths, e.g. 'params/img/embedding/kernel'."""
+  return jax.tree.map_with_path(lambda path, _: "/".join(_key_name(k) for k in path), tree)
+
+
+def make_init_fn(model, tx: optax.GradientTransformation, image, text) -> Callable:
+  """Returns init(seed_key_data uint32 [2]) -> TrainState, shapes taken from example inputs.
+
+  `image` [b, H, W, 3] and `text` [b, L] only provide shapes (b may be 1); jit the result with
+  `out_shardings` so parameters are created directly where they live.
+  """
+  image = jax.ShapeDtypeStruct((1, *image.shape[1:]), jnp.float32)
+  text = jax.ShapeDtypeStruct((1, *text.shape[1:]), jnp.int32)
+
+  def init(rng):
+    params_key, state_key = jax.random.split(jax.random.wrap_key_data(rng))
+    params = model.init(params_key, jnp.zeros(image.shape, image.dtype),
+                        jnp.ones(text.shape, text.dtype))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(state_key))
+
+  return init
+
+
+def make_train_step(model, tx: optax.GradientTransformation, loss_name: str, *,
+                    schedule: Callable, state_sharding, batch_sharding) -> Callable:
+  """Jitted `step(state, batch) -> (state, metrics)`; the input state's buffers are donated.
+
+  batch: {'image' f32 [B, H, W, 3], 'text' i32 [B, L], optional 'weight' f32 [B]} global arrays
+  sharded by `batch_sharding`. metrics: replicated scalars loss, lr, t, b, grad_norm,
+  param_norm, pos_logit, neg_logit.
+  """
+  if loss_name not in LOSS_NAMES:
+    raise ValueError(f"config.loss={loss_name!r}; use one of {LOSS_NAMES}.")
+
+  def step(state: TrainState, batch: dict):
+    # A pure function of (rng, step): a resumed run draws the same dropout masks.
+    dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def loss_fn(params):
+      zimg, ztxt, extras = model.apply({"params": params}, batch["image"], batch["text"],
+                                       train=True, rngs={"dropout": dropout_key})
+      loss, metrics = contrastive_loss(loss_name, zimg, ztxt, extras, batch.get("weight"))
+      return loss, (metrics, extras)
+
+    (loss, (metrics, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss, lr=schedule(state.step), t=extras["t"], b=extras["b"],
+                   grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+                 out_shardings=(state_sharding, replicated), donate_argnums=0)
