@@ -28,6 +28,7 @@ def get_config(arg=None):
   c.world = world.default_config()
   c.world.image_size = arg.res
   c.data_dir = ""  # '' = <workdir>/data; share one folder between runs to build it once.
+  c.cache_train = True  # hold the decoded train split in memory (small data sets only)
   c.tokenizer = ml_collections.ConfigDict(dict(path="", vocab_size=320, max_len=16))
   c.annotate = annotate_config()
   c.balance = m4_config()

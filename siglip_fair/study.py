@@ -44,6 +44,9 @@ def prepare_data(config, workdir: str, *, report: bool = False) -> Data:
   ddir = data_dir(config, workdir)
   builder.build(config.world, ddir)
   sources = {split: builder.data_source(config.world, ddir, split) for split in world.SPLITS}
+  if config.get("cache_train", True):
+    # The synthetic world fits in memory; decoding each record once keeps the CPU for training.
+    sources["train"] = pipeline.InMemorySource(sources["train"])
   train_fields = read_fields(sources["train"], ("captions", "kind", "s", "y", "w"))
   tok = config.tokenizer
   path = tok.get("path") or os.path.join(
@@ -69,16 +72,11 @@ def prepare_data(config, workdir: str, *, report: bool = False) -> Data:
   return data
 
 
-def read_fields(source, fields, chunk: int = 4096) -> dict[str, np.ndarray]:
-  """Stacks `fields` of every record of a source, reading `chunk` records at a time."""
-  out = {f: [] for f in fields}
-  for start in range(0, len(source), chunk):
-    keys = list(range(start, min(start + chunk, len(source))))
-    records = source.__getitems__(keys) if hasattr(source, "__getitems__") else [
-        source[i] for i in keys]
-    for f in fields:
-      out[f].extend(r[f] for r in records)
-  return {f: np.stack(v) for f, v in out.items()}
+def read_fields(source, fields) -> dict[str, np.ndarray]:
+  """Stacks `fields` of every record of a source."""
+  if isinstance(source, pipeline.InMemorySource):
+    return {f: source.arrays[f] for f in fields}
+  return pipeline.InMemorySource(source, fields).arrays
 
 
 def annotations(config, data: Data) -> dict[str, np.ndarray]:

@@ -8,11 +8,13 @@ hence in dataset_info.json). Examples keep their generation order
 per-example annotations and keep masks. Images are stored as raw uint8
 tensors: `tfds.features.Image` would need TensorFlow to encode.
 """
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 
+from absl import logging as absl_logging
 from etils import epath
 import ml_collections
 import numpy as np
@@ -92,9 +94,21 @@ class SyntheticWorld(tfds.core.GeneratorBasedBuilder):
       yield int(ex["id"]), ex
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+  """TFDS logs a warning for every custom builder config; ours are all custom."""
+  level = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(level)
+
+
 def _builder(world_cfg, data_dir) -> SyntheticWorld:
-  return SyntheticWorld(config=builder_config(world_cfg),
-                        data_dir=os.fspath(data_dir), file_format="array_record")
+  with _quiet_absl():
+    return SyntheticWorld(config=builder_config(world_cfg),
+                          data_dir=os.fspath(data_dir), file_format="array_record")
 
 
 def build(world_cfg: ml_collections.ConfigDict, data_dir) -> str:
@@ -119,10 +133,11 @@ def data_source(world_cfg: ml_collections.ConfigDict, data_dir, split: str):
     raise ValueError(f"No synthetic_world build for config "
                      f"{builder.builder_config.name} under {data_dir}; run "
                      "siglip_fair.data.builder.build(world_cfg, data_dir) first.")
-  return tfds.data_source(
-      "synthetic_world", split=split, data_dir=os.fspath(data_dir),
-      download=False, builder_kwargs=dict(config=builder.builder_config,
-                                          file_format="array_record"))
+  with _quiet_absl():
+    return tfds.data_source(
+        "synthetic_world", split=split, data_dir=os.fspath(data_dir),
+        download=False, builder_kwargs=dict(config=builder.builder_config,
+                                            file_format="array_record"))
 
 
 def num_examples(world_cfg: ml_collections.ConfigDict, split: str) -> int:

@@ -106,6 +106,46 @@ class KeptSource:
             f"len={len(self)} of {len(self._source)})")
 
 
+class InMemorySource:
+  """A random-access source held in memory: one stacked numpy array per field.
+
+  For data sets that fit in RAM (the synthetic world, evaluation splits), reading every record
+  once with `__getitems__` and serving slices afterwards removes the per-record decode from the
+  training loop. Records are the same dicts the wrapped source returns (restricted to `fields`).
+  """
+
+  def __init__(self, source, fields: Sequence[str] | None = None, chunk: int = 4096):
+    n = len(source)
+    if n == 0:
+      raise ValueError("InMemorySource: the source is empty.")
+    fields = list(fields or source[0].keys())
+    parts = {f: [] for f in fields}
+    for start in range(0, n, chunk):
+      keys = list(range(start, min(start + chunk, n)))
+      records = (source.__getitems__(keys) if hasattr(source, "__getitems__")
+                 else [source[i] for i in keys])
+      for f in fields:
+        parts[f].extend(r[f] for r in records)
+    self._arrays = {f: np.stack(v) for f, v in parts.items()}
+    self._len = n
+
+  @property
+  def arrays(self) -> dict[str, np.ndarray]:
+    return self._arrays
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    return {f: a[i] for f, a in self._arrays.items()}
+
+  def __getitems__(self, keys: Sequence[int]) -> list[dict[str, Any]]:
+    return [self[i] for i in keys]
+
+  def __repr__(self) -> str:
+    return f"InMemorySource(len={self._len}, fields={sorted(self._arrays)})"
+
+
 def normalize_image(image: np.ndarray) -> np.ndarray:
   """uint8 [..., 3] in [0, 255] -> float32 in [-1, 1]."""
   return np.asarray(image, np.float32) / 127.5 - 1.0

@@ -19,7 +19,7 @@ from siglip_fair.config.durations import resolve_steps
 from siglip_fair.models.two_tower import make_model
 from siglip_fair.train import checkpoint
 from siglip_fair.train.optim import make_optimizer
-from siglip_fair.train.progress import MetricWriter, progress_bar
+from siglip_fair.train.progress import MetricWriter, progress_bar, progress_line
 from siglip_fair.train.sharding import (DEFAULT_RULES, batch_sharding, global_batch, make_mesh,
                                         state_shardings)
 from siglip_fair.train.state import TrainState, make_init_fn, make_train_step
@@ -123,6 +123,8 @@ def train(config, workdir: str, *, train_iter, evaluate_fn: Callable | None = No
         now = time.perf_counter()
         record["steps_per_sec"] = (step - clock_step) / max(now - clock, 1e-9)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if bar.disable and config.get("progress", True) and is_lead:
+          print(progress_line(step, total, record["steps_per_sec"], record), flush=True)
       if evaluate_fn is not None and _due(step, steps.eval_every, total):
         record.update(evaluate_fn(state.params, step))
       if record and writer is not None:

@@ -71,3 +71,13 @@ def progress_bar(total: int, initial: int, enabled: bool = True):
   (logs of batch jobs stay free of carriage-return noise)."""
   return tqdm.tqdm(total=total, initial=initial, disable=not (enabled and sys.stderr.isatty()),
                    unit="step", dynamic_ncols=True, smoothing=0.1)
+
+
+def progress_line(step: int, total: int, steps_per_sec: float, metrics: dict) -> str:
+  """One log line for runs without a terminal: step, %, steps/s, ETA and the loss."""
+  remaining = (total - step) / max(steps_per_sec, 1e-9)
+  eta = f"{int(remaining // 60)}m{int(remaining % 60):02d}s"
+  loss = metrics.get("loss")
+  shown = f" loss {loss:.4f}" if loss is not None else ""
+  return (f"step {step}/{total} ({100 * step / total:.0f}%){shown} "
+          f"{steps_per_sec:.2f} steps/s ETA {eta}")
