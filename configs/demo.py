@@ -19,10 +19,10 @@ def get_config(arg=None):
   c.annotate.source = "combined"
   c.annotate.rule = "text_first"
   # Equal prevalence of the two groups, decorrelated from occupations. Exact balance keeps at most
-  # 80 % of this world (every object scene, and per occupation twice its minority group), so the
-  # budget is 70 %.
+  # 74 % of this world (every unowned object scene, twice the minority among owned scenes and,
+  # per occupation, twice its minority group), so the budget is 65 %.
   c.balance.pi = (0.5, 0.5)
-  c.balance.eta = 0.7
+  c.balance.eta = 0.65
   c.balance.eps_rep = 0.01
   c.balance.eps_assoc = 0.005
   c.demo = dict(versions=("baseline", "balanced"))

@@ -1,5 +1,6 @@
 """Tests for caption lexicons, combination rules, quality metrics and I/O."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -27,22 +28,33 @@ def test_lexicon_on_handmade_captions():
       "a female scientist",  # 'female' must not match 'male'
       "the man and the lady with two laptops and a book",
       "a photo of a red ball",
+      "a photo of a man's car",  # possessive 's, straight and typographic
+      "a lady\u2019s cup owned by the guys'  club",
   ]
   ann = annotate.annotate_captions(captions, LEX)
   o, p = world.OCCUPATIONS.index, world.PROXIES.index
-  want_s = [[0, 1], [1, 0], [0, 0], [0, 1], [1, 1], [0, 0]]
+  want_s = [[0, 1], [1, 0], [0, 0], [0, 1], [1, 1], [0, 0], [1, 0], [1, 1]]
   want_y = {0: [o("nurse")], 1: [o("doctor")], 2: [o("housekeeper")],
             3: [o("scientist")]}
   want_w = {0: [p("thermometer")], 4: [p("laptop"), p("book")]}
   np.testing.assert_array_equal(ann["s"], want_s)
-  np.testing.assert_array_equal(ann["known"], [1, 1, 0, 1, 1, 0])
+  np.testing.assert_array_equal(ann["known"], [1, 1, 0, 1, 1, 0, 1, 1])
   for field, want in (("y", want_y), ("w", want_w)):
-    expected = np.zeros((6, 10), np.float32)
+    expected = np.zeros((8, 10), np.float32)
     for row, cols in want.items():
       expected[row, cols] = 1
     np.testing.assert_array_equal(ann[field], expected)
   for v in ann.values():
     assert v.dtype == np.float32
+
+
+def test_tokenize_drops_possessives():
+  assert annotate.tokenize("A Man's car") == ("a", "man", "car")
+  assert annotate.tokenize(b"the women\xe2\x80\x99s room") == (
+      "the", "women", "room")
+  assert annotate.tokenize("the ladies' hats") == ("the", "ladies", "hats")
+  assert annotate.tokenize("a sofa's arm, a mans") == (
+      "a", "sofa", "arm", "a", "mans")
 
 
 def test_lexicon_is_configurable_and_matches_phrases():
@@ -120,10 +132,10 @@ def test_text_annotations_of_the_world_match_a_brute_force_count(split):
   counts = {g: dict(tp=0, pred=0, true=0) for g in world.GROUPS}
   occ = dict(tp=0, pred=0, true=0)
   for i, caption in enumerate(split["captions"][:, 0]):
-    words = caption.decode().replace(",", " ").split()
+    words = re.findall(r"[a-z]+", caption.decode())  # "man's" -> man, s
     for k, g in enumerate(world.GROUPS):
       said = bool(group_words[k] & set(words))
-      true = split["kind"][i] == 1 and split["gender"][i] == k
+      true = split["gender"][i] == k  # people and owners of object scenes
       counts[g]["pred"] += said
       counts[g]["true"] += true
       counts[g]["tp"] += said and true
@@ -137,10 +149,26 @@ def test_text_annotations_of_the_world_match_a_brute_force_count(split):
     assert pr[f"s/{g}/recall"] == pytest.approx(c["tp"] / c["true"])
   assert pr["y/micro/precision"] == pytest.approx(occ["tp"] / occ["pred"])
   assert pr["y/micro/recall"] == pytest.approx(occ["tp"] / occ["true"])
-  # High, but recall is capped by captions that do not name the group.
-  assert 0.9 < pr["s/micro/precision"] < 1
-  assert 0.7 < pr["s/micro/recall"] < 0.9
-  assert pr["y/micro/precision"] == 1.0 and pr["y/micro/recall"] < 0.9
+  # Closed forms: a caption of an example with a group names one with probability
+  # caption_gender_rate, the wrong one with caption_gender_noise; no other caption names one.
+  wcfg = world.default_config()
+  rate, noise = wcfg.caption_gender_rate, wcfg.caption_gender_noise
+  n_true = sum(c["true"] for c in counts.values())
+  assert n_true > 0.6 * split["id"].size  # people and owned object scenes
+  assert pr["known/precision"] == 1.0
+  assert abs(pr["known/recall"] - rate) < _tol(rate, n_true)
+  n_said = rate * n_true
+  assert abs(pr["s/micro/precision"] - (1 - noise)) < _tol(noise, n_said)
+  assert abs(pr["s/micro/recall"] - rate * (1 - noise)) < _tol(
+      rate * (1 - noise), n_true)
+  assert pr["y/micro/precision"] == 1.0
+  rate = wcfg.caption_occupation_rate
+  assert abs(pr["y/micro/recall"] - rate) < _tol(rate, occ["true"])
+
+
+def _tol(p, n):
+  """4 binomial standard errors of a rate p over n draws."""
+  return 4 * np.sqrt(p * (1 - p) / n)
 
 
 def test_annotate_split_sources(split):
@@ -154,7 +182,9 @@ def test_annotate_split_sources(split):
     assert ann["w"].shape == (n, 10) and ann["known"].shape == (n,)
     np.testing.assert_array_equal(ann["u"], np.zeros(n))
   truth = annotate.annotate_split(split, _with(cfg, source="ground_truth"))
-  np.testing.assert_array_equal(truth["known"], split["kind"] == 1)
+  # Known wherever the world sets a group: people and owned object scenes.
+  np.testing.assert_array_equal(truth["known"], split["gender"] >= 0)
+  assert truth["known"][split["kind"] == 0].any()
   np.testing.assert_array_equal(truth["s"], split["s"])
   text = annotate.annotate_split(split, _with(cfg, source="text"))
   combined = annotate.annotate_split(

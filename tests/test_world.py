@@ -1,4 +1,5 @@
 """Tests for the synthetic world: planted statistics, pixels, captions, seeds."""
+import itertools
 import re
 
 import numpy as np
@@ -74,13 +75,14 @@ def test_fields_are_consistent(train):
   n = train["id"].size
   np.testing.assert_array_equal(train["id"], np.arange(n))
   person = train["kind"] == 1
+  group = train["gender"] >= 0  # people and owned object scenes
+  assert group[person].all() and group[~person].any()
   m, c = len(world.GROUPS), len(world.OCCUPATIONS)
-  np.testing.assert_array_equal(train["s"][person],
-                                np.eye(m)[train["gender"][person]])
+  np.testing.assert_array_equal(train["s"][group],
+                                np.eye(m)[train["gender"][group]])
   np.testing.assert_array_equal(train["y"][person],
                                 np.eye(c)[train["occupation"][person]])
-  assert not train["s"][~person].any() and not train["y"][~person].any()
-  assert np.all(train["gender"][~person] == -1)
+  assert not train["s"][~group].any() and not train["y"][~person].any()
   assert np.all(train["occupation"][~person] == -1)
   assert np.all(train["object_label"][person] == -1)
   assert np.all(train["object_label"][~person] >= 0)
@@ -97,8 +99,65 @@ def test_eval_splits():
   np.testing.assert_array_equal(people["gender"], np.arange(1000) % 2)
   assert set(people["occupation"]) == set(range(len(world.OCCUPATIONS)))
   objects = world.generate_split(cfg, "objects")
+  # No owners: the RB set's images and captions carry no group at all.
   assert np.all(objects["kind"] == 0) and np.all(objects["gender"] == -1)
+  assert not objects["s"].any()
+  nouns = _group_words()
+  for cap in objects["captions"].reshape(-1):
+    assert not set(_words(cap)) & (nouns[0] | nouns[1] | {"person"}), cap
   np.testing.assert_array_equal(np.bincount(objects["object_label"]), [100] * 10)
+
+
+def test_owner_rates_are_planted(train):
+  cfg = world.default_config()
+  scene = train["kind"] == 0
+  owned = scene & (train["gender"] >= 0)
+  # Stratified per chunk: owner and woman-owner counts are each off by <= 1 per chunk of ~500
+  # object scenes (20 chunks), so the shares hold to 20 / 10000 and ~20 / 3000.
+  assert abs(owned.sum() / scene.sum() - cfg.object_owner_rate) < 0.0025
+  assert abs(train["gender"][owned].mean() - cfg.woman_prevalence) < 0.01
+  assert np.all(train["object_label"][owned] >= 0)
+  assert np.all(train["occupation"][owned] == -1)
+  assert not train["y"][owned].any()
+  # Owner and object class are drawn independently.
+  table = np.array([[np.sum(owned & (train["object_label"] == k)),
+                     np.sum(scene & ~owned & (train["object_label"] == k))]
+                    for k in range(len(world.OBJECT_CLASSES))])
+  assert stats.chi2_contingency(table).pvalue > 1e-3
+
+
+def test_owner_knob_changes_no_pixel():
+  """The owner is latent: the image stream is identical with and without owners."""
+  cfg = world.default_config()
+  cfg.sizes.retrieval = 1200  # crosses a chunk boundary
+  a = world.generate_split(cfg, "retrieval")
+  cfg.object_owner_rate = 0.0
+  b = world.generate_split(cfg, "retrieval")
+  owned = a["gender"] != b["gender"]
+  assert owned.sum() > 100 and np.all(a["kind"][owned] == 0)
+  assert not b["s"][b["kind"] == 0].any()
+  for key in ("image", "kind", "object_label", "w", "occupation"):
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  np.testing.assert_array_equal(a["captions"][~owned], b["captions"][~owned])
+
+
+def test_owner_scenes_show_no_person():
+  cfg = _exact_cfg(train=1000)
+  a = world.generate_split(cfg, "train")
+  img = _f(a["image"])
+  s = cfg.image_size
+  # SKIN (the head) is no background, object or proxy colour.
+  is_skin = np.all(np.abs(img - render.SKIN) < 1.5 / 255, axis=-1)
+  person = a["kind"] == 1
+  assert np.all(is_skin[person, int(0.33 * s), s // 2])  # the head, jitter 0
+  assert not is_skin[~person].any()
+  owned = ~person & (a["gender"] >= 0)
+  assert owned.sum() > 100
+  # The tint of owned scenes is the objects' uniform one, whatever the owner's group.
+  g = _tint(_background(a["image"]))
+  for group in range(2):
+    sel = owned & (a["gender"] == group)
+    assert stats.kstest(np.clip(g[sel], 0, 1), "uniform").pvalue > 1e-3
 
 
 def test_iter_examples_match_generate_split():
@@ -170,25 +229,64 @@ def test_tint_encodes_gender_and_is_uniform_on_objects():
   assert stats.kstest(np.clip(g[~person], 0, 1), "uniform").pvalue > 1e-3
 
 
-def test_occupation_cues_drawn_in_train_not_in_people():
-  cfg = _exact_cfg(train=600, people=200)
+def _body_and_tool(cfg, a):
+  """Body colour [n,3] and whether a tool is drawn [n] per image (jitter 0)."""
   s = cfg.image_size
-  body = (int(0.57 * s), s // 2)  # inside every body when jitter is 0
-  tool = (slice(int(0.48 * s), int(0.63 * s)),  # tool box, right of body
-          slice(int(0.63 * s), int(0.78 * s)))
-  for split in ("train", "people"):
-    a = world.generate_split(cfg, split)
-    person = a["kind"] == 1
-    img = _f(a["image"][person])
-    want = (render.UNIFORM_COLOURS[a["occupation"][person]] if split == "train"
-            else np.broadcast_to(render.NEUTRAL_BODY, (person.sum(), 3)))
-    np.testing.assert_allclose(img[:, body[0], body[1]], want, atol=1 / 255)
-    bg = _background(a["image"][person])[:, None, None]
-    tool_dev = np.abs(img[:, tool[0], tool[1]] - bg).max((1, 2, 3))
-    if split == "train":
-      assert np.all(tool_dev > 0.05)
-    else:
-      assert np.all(tool_dev < 1e-6)
+  img = _f(a["image"])
+  body = img[:, int(0.57 * s), s // 2]  # inside every body
+  box = img[:, int(0.48 * s):int(0.63 * s), int(0.63 * s):int(0.78 * s)]
+  bg = _background(a["image"])[:, None, None]
+  return body, np.abs(box - bg).max((1, 2, 3)) > 0.05
+
+
+def test_occupation_cues_drawn_in_train_not_in_people():
+  cfg = _exact_cfg(train=1000, people=200)
+  a = world.generate_split(cfg, "people")
+  body, tool = _body_and_tool(cfg, a)
+  np.testing.assert_allclose(body, np.broadcast_to(render.NEUTRAL_BODY, body.shape),
+                             atol=1 / 255)
+  assert not tool.any()
+  a = world.generate_split(cfg, "train")
+  person = a["kind"] == 1
+  occ = a["occupation"][person]
+  body, tool = _body_and_tool(cfg, a)
+  np.testing.assert_allclose(body[person], render.PAIR_UNIFORM_COLOURS[occ],
+                             atol=1 / 255)
+  # The tool is drawn iff its latent (not an output field) is below tool_rate.
+  latent = world._draw_chunk(cfg, "train", 0)["tool"][person]
+  np.testing.assert_array_equal(tool[person], latent < cfg.tool_rate)
+  # Stratified per occupation: each occupation's count is within 1 of tool_rate * n.
+  for o in range(len(world.OCCUPATIONS)):
+    sel = tool[person][occ == o]
+    assert abs(sel.sum() - cfg.tool_rate * sel.size) <= 1
+
+
+@pytest.mark.parametrize("tool_rate", [0.0, 0.2, 1.0])
+def test_tool_rate_knob(tool_rate):
+  cfg = _exact_cfg(retrieval=1000)  # one whole (stratified) chunk
+  cfg.tool_rate = tool_rate
+  a = world.generate_split(cfg, "retrieval")
+  person = a["kind"] == 1
+  _, tool = _body_and_tool(cfg, a)
+  assert abs(tool[person].mean() - tool_rate) <= 10 / person.sum()  # <= 1 per occupation
+
+
+@pytest.mark.parametrize("per_pair", [True, False])
+def test_uniform_colours_per_pair(per_pair):
+  cfg = _exact_cfg(train=1000)
+  cfg.uniform_per_pair = per_pair
+  a = world.generate_split(cfg, "train")
+  person = a["kind"] == 1
+  body, _ = _body_and_tool(cfg, a)
+  colours = []
+  for o in range(len(world.OCCUPATIONS)):
+    seen = np.unique(np.round(body[person & (a["occupation"] == o)] * 255), axis=0)
+    assert len(seen) == 1  # one uniform per occupation
+    colours.append(seen[0])
+  pair = {o: k for k, members in enumerate(world.OCCUPATION_PAIRS) for o in members}
+  for i, j in itertools.combinations(range(len(world.OCCUPATIONS)), 2):
+    same = np.abs(colours[i] - colours[j]).max() <= 1
+    assert same == (per_pair and pair[i] == pair[j]), (i, j)
 
 
 def test_proxy_icons_drawn_iff_w():
@@ -256,11 +354,37 @@ def test_captions_follow_the_labels(train):
   assert abs(named / total - cfg.caption_gender_rate) < _tol(0.8, total)
   assert abs(wrong / named - cfg.caption_gender_noise) < _tol(0.03, named)
   assert abs(occ_named / total - cfg.caption_occupation_rate) < _tol(0.8, total)
-  for i in np.flatnonzero(~person)[:500]:
+  for i in np.flatnonzero(~person & (train["gender"] < 0))[:500]:
     for cap in train["captions"][i]:
       words = set(_words(cap))
       assert world.OBJECT_CLASSES[train["object_label"][i]] in words
-      assert not words & (nouns[0] | nouns[1] | set(world.OCCUPATIONS))
+      assert not words & (nouns[0] | nouns[1] | {"person"} | set(world.OCCUPATIONS))
+
+
+def test_owner_captions_name_the_owner(train):
+  cfg = world.default_config()
+  nouns = _group_words()
+  owned = np.flatnonzero((train["kind"] == 0) & (train["gender"] >= 0))
+  named = wrong = total = 0
+  forms = set()
+  for i in owned[:2000]:
+    g = train["gender"][i]
+    for cap in train["captions"][i]:
+      text = cap.decode()
+      words = set(_words(cap))
+      total += 1
+      assert world.OBJECT_CLASSES[train["object_label"][i]] in words, text
+      assert not words & set(world.OCCUPATIONS), text
+      said = [k for k in range(2) if words & nouns[k]]
+      assert len(said) <= 1, text
+      assert said or "person" in words, text  # an unnamed owner is "a person"
+      named += bool(said)
+      wrong += bool(said) and said[0] != g
+      forms |= {f for f in ("'s", "owned by", "belongs to") if f in text}
+  assert forms == {"'s", "owned by", "belongs to"}
+  rate, noise = cfg.caption_gender_rate, cfg.caption_gender_noise
+  assert abs(named / total - rate) < _tol(rate, total)
+  assert abs(wrong / named - noise) < _tol(noise, named)
 
 
 def test_people_captions_name_only_the_true_group():
@@ -280,7 +404,9 @@ def test_people_captions_name_only_the_true_group():
     ("association", 0.8, "association"),
     ("woman_prevalence", 1.2, "woman_prevalence"),
     ("person_share", -0.1, "person_share"), ("image_size", 8, "image_size"),
-    ("noise", -1.0, "noise")])
+    ("noise", -1.0, "noise"), ("tool_rate", 1.5, "tool_rate"),
+    ("object_owner_rate", -0.1, "object_owner_rate"),
+    ("uniform_per_pair", None, "uniform_per_pair")])
 def test_bad_knobs_raise(knob, value, match):
   cfg = world.default_config()
   cfg[knob] = value

@@ -16,17 +16,19 @@ FIELDS = ("s", "y", "w")
 
 def from_ground_truth(split_arrays: Mapping[str, np.ndarray]
                       ) -> dict[str, np.ndarray]:
-  """Annotations from a world split's labels (`s`, `kind`, `y`, `w`).
+  """Annotations from a world split's labels (`s`, `y`, `w`).
 
-  The group is known exactly on person images (kind == 1).
+  The group is known exactly wherever the world sets one: on person images and
+  on object scenes with an owner (whose group the captions may name although
+  the image shows no one).
   """
-  for key in ("s", "kind", "y", "w"):
+  for key in ("s", "y", "w"):
     if key not in split_arrays:
       raise ValueError(f"split_arrays lacks {key!r}; pass the output of "
                        "siglip_fair.data.world.generate_split.")
-  known = (np.asarray(split_arrays["kind"]) == 1).astype(np.float32)
-  return dict(s=np.asarray(split_arrays["s"], np.float32) * known[:, None],
-              known=known, y=np.asarray(split_arrays["y"], np.float32),
+  s = np.asarray(split_arrays["s"], np.float32)
+  return dict(s=s, known=s.any(axis=1).astype(np.float32),
+              y=np.asarray(split_arrays["y"], np.float32),
               w=np.asarray(split_arrays["w"], np.float32))
 
 

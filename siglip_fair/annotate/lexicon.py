@@ -3,8 +3,9 @@
 A lexicon has one entry per annotation field (`s` groups, `y` labels, `w`
 proxies), each with ordered column `names` and, per name, the words that
 signal it. Captions are lower-cased and split on word boundaries, so "female"
-does not match "male" and "housekeeper" does not match "house"; a lexicon
-entry of several words matches that exact sequence of tokens.
+does not match "male" and "housekeeper" does not match "house"; a possessive
+"'s" is dropped, so "a man's car" matches "man". A lexicon entry of several
+words matches that exact sequence of tokens.
 """
 from collections.abc import Sequence
 import re
@@ -15,6 +16,9 @@ import numpy as np
 from siglip_fair.data import world
 
 _TOKEN = re.compile(r"[a-z0-9]+")
+# Straight or typographic apostrophe; "ladies'" needs no rule (the apostrophe
+# is not a word character).
+_POSSESSIVE = re.compile(r"['\u2019]s\b")
 
 _GROUP_WORDS = {
     "man": ("man", "men", "male", "males", "gentleman", "gentlemen", "guy",
@@ -47,10 +51,10 @@ def default_lexicon_config() -> ml_collections.ConfigDict:
 
 
 def tokenize(text: str | bytes) -> tuple[str, ...]:
-  """Lower-cased alphanumeric word tokens of a caption."""
+  """Lower-cased alphanumeric word tokens of a caption, possessive 's dropped."""
   if isinstance(text, bytes):
     text = text.decode("utf-8")
-  return tuple(_TOKEN.findall(text.lower()))
+  return tuple(_TOKEN.findall(_POSSESSIVE.sub("", text.lower())))
 
 
 def _field_matcher(field_cfg, field):

@@ -22,6 +22,10 @@ UNIFORM_COLOURS = np.array([
     [0.15, 0.35, 0.75], [0.85, 0.45, 0.65], [0.40, 0.55, 0.20],
     [0.95, 0.80, 0.15], [0.10, 0.10, 0.12], [0.75, 0.20, 0.20],
     [0.45, 0.30, 0.15]], np.float32)
+# The same table with both occupations of each pair (consecutive, see
+# world.OCCUPATION_PAIRS) in the first one's colour: without the tool, only the
+# gender tint and the proxies then tell the two apart.
+PAIR_UNIFORM_COLOURS = np.repeat(UNIFORM_COLOURS[0::2], 2, axis=0)
 TOOL_SHAPES = np.arange(10)
 TOOL_COLOURS = UNIFORM_COLOURS[[7, 8, 9, 6, 2, 4, 3, 1, 5, 0]] * 0.8
 
@@ -108,7 +112,8 @@ def background(tint, size):
                          (tint.shape[0], size, size, 3)).copy()
 
 
-def draw_people(img, cx, cy, occupation, cues):
+def draw_people(img, cx, cy, occupation, cues, tool,
+                uniform_colours=UNIFORM_COLOURS):
   """Draws a figure per image: head, body in the uniform colour, tool.
 
   Args:
@@ -116,12 +121,14 @@ def draw_people(img, cx, cy, occupation, cues):
     cx, cy: [n] figure centre (body top is near cy).
     occupation: int [n] index into OCCUPATIONS.
     cues: bool [n]; False draws a neutral grey body and no tool.
+    tool: bool [n]; whether the occupation's tool is drawn (only where cues).
+    uniform_colours: float [c,3] body colour per occupation.
   """
   dx, dy = _offsets(img.shape[1], cx, cy)
   _paint(img, shape_mask("circle", dx, dy + 0.17, 0.09), SKIN)
-  body = np.where(cues[:, None], UNIFORM_COLOURS[occupation], NEUTRAL_BODY)
+  body = np.where(cues[:, None], uniform_colours[occupation], NEUTRAL_BODY)
   _paint(img, (np.abs(dx) <= 0.12) & (dy >= -0.07) & (dy <= 0.22), body)
-  idx = np.flatnonzero(cues)
+  idx = np.flatnonzero(cues & tool)
   img[idx] = _stamp(img[idx], TOOL_SHAPES[occupation[idx]], cx[idx] + 0.2,
                     cy[idx] + 0.05, 0.07, TOOL_COLOURS[occupation[idx]])
   return img

@@ -2,8 +2,12 @@
 
 People with a perceived-gender cue (the background tint) work in occupations
 with visual cues (uniform colour, tool); proxy objects co-occur with
-occupations; object-only scenes carry class labels. Captions come from
-templates that sometimes name the group, the occupation and the objects.
+occupations; object-only scenes carry class labels. Some object scenes of the
+train and retrieval splits have an owner: no person is shown, but the owner's
+group is the scene's ground truth and the captions name it ("a woman's car"),
+so object images, like web images, co-occur with group words at the planted
+prevalence. Captions come from templates that sometimes name the group, the
+occupation and the objects.
 
 Every example is a pure function of (config, split, index): examples are drawn
 in fixed chunks of CHUNK_SIZE rows, each from its own generator seeded with
@@ -44,6 +48,10 @@ _OCCUPATION_TEMPLATES = ("a photo of {s} who works as {o}",
                          "{s} at work as {o}")
 _OBJECT_TEMPLATES = ("a photo of {o}", "{o}", "a picture of {o}",
                      "a close-up of {o}")
+# {s}: owner with article, {o}: bare object, {ao}: object with article.
+_OWNER_TEMPLATES = ("a photo of {s}'s {o}", "{ao} owned by {s}",
+                    "{ao} that belongs to {s}", "{s}'s {o}")
+OWNER_SPLITS = ("train", "retrieval")  # never `objects`: it measures RB
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -66,6 +74,13 @@ def default_config() -> ml_collections.ConfigDict:
   cfg.proxy_strength = 0.8  # P(occupation's own proxy drawn | occupation)
   cfg.proxy_base_rate = 0.05  # P(any other proxy drawn | person)
   cfg.object_proxy_rate = 0.05  # P(a proxy drawn | object scene), per proxy
+  # P(an object scene has an owner) in OWNER_SPLITS; the owner's group follows
+  # woman_prevalence and is named in captions like a person's.
+  cfg.object_owner_rate = 0.3
+  cfg.tool_rate = 0.5  # P(a person's occupation tool is drawn)
+  # Both occupations of a pair wear one uniform colour, so without the tool only
+  # the gender tint and the proxies tell them apart (the association to learn).
+  cfg.uniform_per_pair = True
   cfg.tint_std = 0.1  # spread of the gender tint around TINT_MEANS
   cfg.noise = 0.05  # pixel noise std, [0, 1] units
   cfg.jitter = 0.04  # position jitter, fraction of the image side
@@ -89,12 +104,15 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   for name in ("person_share", "woman_prevalence", "caption_gender_rate",
                "caption_gender_noise", "caption_occupation_rate",
                "caption_object_rate", "proxy_strength", "proxy_base_rate",
-               "object_proxy_rate"):
+               "object_proxy_rate", "object_owner_rate", "tool_rate"):
     if not 0.0 <= cfg[name] <= 1.0:
       raise ValueError(f"world.{name}={cfg[name]} must be in [0, 1].")
   for name in ("tint_std", "noise", "jitter"):
     if cfg[name] < 0:
       raise ValueError(f"world.{name}={cfg[name]} must be >= 0.")
+  if not isinstance(cfg.uniform_per_pair, (bool, np.bool_)):
+    raise ValueError(f"world.uniform_per_pair={cfg.uniform_per_pair!r} must "
+                     "be True or False.")
   if not isinstance(cfg.seed, (int, np.integer)) or cfg.seed < 0:
     raise ValueError(f"world.seed={cfg.seed!r} must be an int >= 0.")
   if cfg.image_size < 16:
@@ -127,9 +145,10 @@ def _stratified_uniform(rng, mask):
 
 
 def _stratified_latents(cfg, split, rng, n):
-  """Person / occupation / gender draws of one chunk, stratified so that person share,
-  occupation shares and P(woman | occupation) are met per chunk (the planted skews are the
-  point of the world, so they should not drift with the seed)."""
+  """Person / occupation / gender / tool / owner draws of one chunk, stratified so that person
+  share, occupation shares, P(woman | occupation), tool rate per occupation, owner share and
+  owner gender share are met per chunk (the planted skews are the point of the world, so they
+  should not drift with the seed)."""
   person = _stratified_uniform(rng, np.ones(n, bool))
   if split == "people":
     is_person = np.ones(n, bool)
@@ -139,11 +158,18 @@ def _stratified_latents(cfg, split, rng, n):
     is_person = person < cfg.person_share
   c = len(OCCUPATIONS)
   occupation = np.minimum((_stratified_uniform(rng, is_person) * c).astype(np.int64), c - 1)
-  woman = np.ones(n)
+  woman, tool = np.ones(n), np.ones(n)
   for k in range(c):
     cell = is_person & (occupation == k)
     woman = np.where(cell, _stratified_uniform(rng, cell), woman)
-  return person, occupation, woman
+    tool = np.where(cell, _stratified_uniform(rng, cell), tool)
+  # One uniform per object scene decides both whether it has an owner (< object_owner_rate) and
+  # the owner's group (< object_owner_rate * woman_prevalence): given an owner it is uniform on
+  # [0, object_owner_rate), so both shares are stratified, and the random stream (hence every
+  # image) does not depend on either knob.
+  owner = _stratified_uniform(rng, ~is_person & (split in OWNER_SPLITS))
+  return dict(person=person, occupation=occupation, woman=woman, tool=tool,
+              owner=owner)
 
 
 def _draw_chunk(cfg, split, chunk):
@@ -151,11 +177,8 @@ def _draw_chunk(cfg, split, chunk):
   rng = np.random.default_rng([cfg.seed, SPLITS.index(split), chunk])
   n, k, p, size = CHUNK_SIZE, cfg.num_captions, len(PROXIES), cfg.image_size
   big = 1 << 30  # template / synonym draws, reduced modulo each list length
-  person, occupation, woman = _stratified_latents(cfg, split, rng, n)
   return dict(
-      person=person,
-      occupation=occupation,
-      woman=woman,
+      **_stratified_latents(cfg, split, rng, n),
       object_label=rng.integers(0, len(OBJECT_CLASSES), n),
       proxy=rng.random((n, p)),
       tint=rng.standard_normal(n),
@@ -182,12 +205,15 @@ def _labels(cfg, split, r, ids):
   else:
     kind = (r["person"] < cfg.person_share).astype(np.int32)
   person = kind == 1
+  owned = ~person & (r["owner"] < cfg.object_owner_rate)
   occupation = np.where(person, r["occupation"], -1).astype(np.int32)
   if split == "people":  # exactly balanced groups
     gender = (ids % 2).astype(np.int32)
   else:
-    is_woman = r["woman"] < woman_probability(cfg)[r["occupation"]]
-    gender = np.where(person, is_woman, -1).astype(np.int32)
+    is_woman = np.where(
+        person, r["woman"] < woman_probability(cfg)[r["occupation"]],
+        r["owner"] < cfg.object_owner_rate * cfg.woman_prevalence)
+    gender = np.where(person | owned, is_woman, -1).astype(np.int32)
   if split == "objects":  # exactly balanced classes
     object_label = (ids % len(OBJECT_CLASSES)).astype(np.int32)
   else:
@@ -196,11 +222,11 @@ def _labels(cfg, split, r, ids):
   rate = np.where(own, cfg.proxy_strength, cfg.proxy_base_rate)
   rate = np.where(person[:, None], rate, cfg.object_proxy_rate)
   w = (r["proxy"] < rate) & (split != "people")
-  # gender/occupation -1 rows index the last one-hot row; the person mask
-  # zeroes them.
+  # gender/occupation -1 rows index the last one-hot row; the masks zero them.
   return dict(
       id=ids.astype(np.int64), kind=kind, gender=gender,
-      s=(np.eye(len(GROUPS), dtype=np.uint8)[gender] * person[:, None]),
+      s=(np.eye(len(GROUPS), dtype=np.uint8)[gender] *
+         (gender >= 0)[:, None]),
       occupation=occupation,
       y=(np.eye(c, dtype=np.uint8)[occupation] * person[:, None]),
       w=w.astype(np.uint8), object_label=object_label)
@@ -217,8 +243,11 @@ def _render(cfg, split, r, ex):
   cy = 0.5 + cfg.jitter * r["centre"][:, 1]
   idx = np.flatnonzero(person)
   cues = np.full(idx.size, split != "people")
+  tool = r["tool"][idx] < cfg.tool_rate
+  colours = (render.PAIR_UNIFORM_COLOURS if cfg.uniform_per_pair
+             else render.UNIFORM_COLOURS)
   img[idx] = render.draw_people(img[idx], cx[idx], cy[idx],
-                                ex["occupation"][idx], cues)
+                                ex["occupation"][idx], cues, tool, colours)
   idx = np.flatnonzero(~person)
   img[idx] = render.draw_objects(img[idx], cx[idx], cy[idx],
                                  ex["object_label"][idx])
@@ -242,7 +271,9 @@ def _captions(cfg, split, r, ex):
   # Per-caption decisions are vectorised; only string assembly loops.
   named_proxies = ex["w"][:, None, :].astype(bool) & (
       r["mention"] < cfg.caption_object_rate)
-  names_group = r["name_group"] < cfg.caption_gender_rate
+  # Only people and owned objects have a group to name.
+  names_group = (r["name_group"] < cfg.caption_gender_rate) & (
+      ex["gender"][:, None] >= 0)
   said_group = ex["gender"][:, None] ^ (
       r["wrong_group"] < cfg.caption_gender_noise)
   names_occupation = r["name_occupation"] < cfg.caption_occupation_rate
@@ -259,18 +290,22 @@ def _captions(cfg, split, r, ex):
     for j in range(k):
       t = int(template[i, j])
       named = mentions[i][j]
+      subject = NEUTRAL_NOUN  # of a person or an owner
+      if names_group[i, j]:
+        nouns = GROUP_NOUNS[said_group[i, j]]
+        subject = nouns[noun[i, j] % len(nouns)]
       if ex["kind"][i] == 0:
         label = int(ex["object_label"][i])
         obj = OBJECT_CLASSES[label]
         if (t // 4) % 2:
           obj = render.OBJECT_COLOUR_NAMES[label] + " " + obj
-        text = _OBJECT_TEMPLATES[t % 4].format(o=_a(obj))
+        if ex["gender"][i] >= 0:  # an owned object
+          text = _OWNER_TEMPLATES[t % 4].format(s=_a(subject), o=obj,
+                                                ao=_a(obj))
+        else:
+          text = _OBJECT_TEMPLATES[t % 4].format(o=_a(obj))
         text += " next to " + _join(named) if named else ""
       else:
-        subject = NEUTRAL_NOUN
-        if names_group[i, j]:
-          nouns = GROUP_NOUNS[said_group[i, j]]
-          subject = nouns[noun[i, j] % len(nouns)]
         if names_occupation[i, j]:
           text = _OCCUPATION_TEMPLATES[t % 4].format(
               s=_a(subject), o=_a(OCCUPATIONS[ex["occupation"][i]]))
