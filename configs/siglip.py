@@ -66,3 +66,10 @@ def get_config(arg=None):
       groups=world.GROUPS, num_bootstrap=1000)
   c.eval_batch_size = 250
   return c
+
+
+def sweep(add):
+  """Baseline vs balanced data over three seeds (the launcher of a later issue runs these)."""
+  for data in ("baseline", "balanced"):
+    for seed in range(3):
+      add(data=data, seed=seed)

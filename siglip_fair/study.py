@@ -102,7 +102,7 @@ def names() -> dict:
 
 def balance(config, workdir: str, data: Data | None = None) -> dict[str, Any]:
   """Annotates the training split and runs M4; writes balance/{m4.npz,card.json,card.md}."""
-  from siglip_fair.balance import m4
+  from siglip_fair import balance as m4
   out = balance_dir(config, workdir)
   path = os.path.join(out, "m4.npz")
   if os.path.exists(path):

@@ -153,8 +153,11 @@ def test_owner_scenes_show_no_person():
   assert not is_skin[~person].any()
   owned = ~person & (a["gender"] >= 0)
   assert owned.sum() > 100
-  # The tint of owned scenes is the objects' uniform one, whatever the owner's group.
-  g = _tint(_background(a["image"]))
+  # Owned scenes have the plain grey object background, whatever the owner's group.
+  np.testing.assert_allclose(_background(a["image"])[owned], np.broadcast_to(
+      render.NEUTRAL_BACKGROUND, (owned.sum(), 3)), atol=1 / 255)
+  cfg.object_background = "tint"  # then their tint is uniform, whatever the owner's group
+  g = _tint(_background(world.generate_split(cfg, "train")["image"]))
   for group in range(2):
     sel = owned & (a["gender"] == group)
     assert stats.kstest(np.clip(g[sel], 0, 1), "uniform").pvalue > 1e-3
@@ -218,6 +221,7 @@ def _tint(bg):
 
 def test_tint_encodes_gender_and_is_uniform_on_objects():
   cfg = _exact_cfg(train=4000)
+  cfg.object_background = "tint"
   a = world.generate_split(cfg, "train")
   g = _tint(_background(a["image"]))
   person = a["kind"] == 1
@@ -227,6 +231,10 @@ def test_tint_encodes_gender_and_is_uniform_on_objects():
     assert abs(g[sel].mean() - mean) < 4 * 0.1 / np.sqrt(sel.sum()) + 0.005
     assert abs(g[sel].std() - cfg.tint_std) < 0.01
   assert stats.kstest(np.clip(g[~person], 0, 1), "uniform").pvalue > 1e-3
+  cfg.object_background = "grey"
+  grey = _background(world.generate_split(cfg, "train")["image"])[~person]
+  np.testing.assert_allclose(grey, np.broadcast_to(render.NEUTRAL_BACKGROUND, grey.shape),
+                             atol=1 / 255)
 
 
 def _body_and_tool(cfg, a):

@@ -12,6 +12,7 @@ COOL = np.array([0.55, 0.70, 0.92], np.float32)
 WARM = np.array([0.95, 0.70, 0.52], np.float32)
 SKIN = np.array([0.60, 0.42, 0.30], np.float32)
 NEUTRAL_BODY = np.array([0.50, 0.50, 0.50], np.float32)
+NEUTRAL_BACKGROUND = np.array([0.78, 0.78, 0.78], np.float32)
 
 SHAPES = ("circle", "square", "diamond", "triangle", "cross", "hbar", "vbar",
           "ring", "xshape", "tee")

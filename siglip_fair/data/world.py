@@ -82,6 +82,10 @@ def default_config() -> ml_collections.ConfigDict:
   # the gender tint and the proxies tell them apart (the association to learn).
   cfg.uniform_per_pair = True
   cfg.tint_std = 0.1  # spread of the gender tint around TINT_MEANS
+  # Object scenes' background: 'grey' (off the tint axis: their only link to a group is what
+  # captions say about owners, so a model's RB measures co-occurrence it absorbed) or 'tint'
+  # (a uniformly random gender tint: RB then also reflects where the model puts the boundary).
+  cfg.object_background = "grey"
   cfg.noise = 0.05  # pixel noise std, [0, 1] units
   cfg.jitter = 0.04  # position jitter, fraction of the image side
   return cfg
@@ -107,6 +111,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
                "object_proxy_rate", "object_owner_rate", "tool_rate"):
     if not 0.0 <= cfg[name] <= 1.0:
       raise ValueError(f"world.{name}={cfg[name]} must be in [0, 1].")
+  if cfg.object_background not in ("grey", "tint"):
+    raise ValueError(f"world.object_background={cfg.object_background!r}; use 'grey' or 'tint'.")
   for name in ("tint_std", "noise", "jitter"):
     if cfg[name] < 0:
       raise ValueError(f"world.{name}={cfg[name]} must be >= 0.")
@@ -239,6 +245,8 @@ def _render(cfg, split, r, ex):
   tint = np.where(person, np.clip(means + cfg.tint_std * r["tint"], 0, 1),
                   r["tint_uniform"])
   img = render.background(tint, cfg.image_size)
+  if cfg.object_background == "grey":
+    img[~person] = render.NEUTRAL_BACKGROUND
   cx = 0.5 + cfg.jitter * r["centre"][:, 0]
   cy = 0.5 + cfg.jitter * r["centre"][:, 1]
   idx = np.flatnonzero(person)

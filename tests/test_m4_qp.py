@@ -1,0 +1,54 @@
+"""M4 against the exact QP (cvxpy + Clarabel) on random instances."""
+import jax
+import numpy as np
+import pytest
+
+from siglip_fair.balance import m4, qp
+
+pytest.importorskip("cvxpy")
+
+# (seed, n, m, c, p, overrides): overlapping groups unless disjoint; p = 0: no proxies.
+CASES = [
+    (0, 3000, 2, 12, 0, {}),
+    (1, 3000, 3, 12, 6, dict(use_proxies=True)),
+    (2, 3000, 3, 12, 6, dict(use_proxies=True, use_utility=True)),
+    (3, 3000, 3, 12, 0, dict(use_utility=True, tolerance="relative", eps_assoc=0.3)),
+    (4, 3000, 3, 12, 0, dict(disjoint=True)),
+    (5, 20000, 3, 20, 4, dict(use_proxies=True)),
+]
+
+
+@pytest.mark.parametrize("seed, n, m, c, p, overrides", CASES)
+def test_matches_exact_qp(seed, n, m, c, p, overrides):
+  overrides = dict(overrides)
+  disjoint = overrides.pop("disjoint", False)
+  rng = np.random.default_rng(seed)
+  ann, pi = qp.random_instance(seed, n, m, c, p, disjoint=disjoint, target_jitter=0.05,
+                               utility=overrides.get("use_utility", False))
+  cfg = m4.default_config()
+  cfg.pi = pi.tolist()
+  cfg.eps_rep = float(rng.uniform(0.01, 0.05))
+  cfg.eps_assoc = float(rng.uniform(0.01, 0.05))
+  cfg.update(overrides)
+  ref = qp.solve_qp(ann, cfg)
+  assert ref["status"] == "optimal", "test instance must be feasible"
+  result = m4.balance(ann, cfg, jax.random.key(seed))
+  q = result.q.astype(np.float64)
+
+  moments = m4.constraint_moments(q, ann, ref["pi"])
+  if not cfg.use_proxies:
+    moments["proxy"] = moments["proxy"][:, :0]
+  violation = np.max(np.abs(qp.flatten(moments)) - qp.flatten(ref["eps"]))
+  assert violation <= 1e-3
+  u = ann["u"] if cfg.use_utility else np.zeros(n)
+  objective = qp.objective(q, u, cfg.eta)
+  assert objective == pytest.approx(ref["objective"], rel=1e-2)
+  # The primal is strongly convex, so q itself is unique: a much stronger check.
+  assert np.sqrt(np.mean((q - ref["q"]) ** 2)) < 1e-3
+  assert q.mean() == pytest.approx(cfg.eta, abs=1e-4)
+  assert result.card["verdict"] == "feasible"
+  # Constraints the QP leaves slack (|moment| < ε) have zero price in M4 as well.
+  slack = np.abs(qp.flatten(m4.constraint_moments(ref["q"], ann, ref["pi"]) | (
+      {} if cfg.use_proxies else {"proxy": np.zeros((m, 0))}))) < qp.flatten(ref["eps"]) - 1e-4
+  price = np.array([c_["price"] for c_ in result.card["constraints"]])
+  assert np.all(np.abs(price[slack]) < 1e-3 * max(1.0, np.abs(price).max()))
