@@ -23,7 +23,10 @@ def get_config(arg=None):
   # per occupation, twice its minority group), so the budget is 65 %.
   c.balance.pi = (0.5, 0.5)
   c.balance.eta = 0.65
-  c.balance.eps_rep = 0.01
+  # Tolerances relative to each occupation's prevalence: a rare occupation is held to the same
+  # conditional gap as a common one (about 2 points of P(woman | occupation) here).
+  c.balance.tolerance = "relative"
+  c.balance.eps_rep = 0.002
   c.balance.eps_assoc = 0.005
   c.demo = dict(versions=("baseline", "balanced"))
   return c

@@ -19,7 +19,7 @@ from siglip_fair.evaluate.evaluators import default_evals_config
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, variant="mu/4", text="mu", width=64, depth=2, embed=64, res=32,
+  arg = parse_arg(arg, variant="mu/8", text="mu", width=64, depth=2, embed=64, res=32,
                   steps=1200, batch=128, loss="sigmoid", data="baseline", seed=0, lr=3e-3)
   c = ml_collections.ConfigDict()
   c.seed = arg.seed
