@@ -17,7 +17,7 @@ import numpy as np
 from siglip_fair import annotate
 from siglip_fair.data import builder, pipeline, world
 from siglip_fair.data.tokenizer import Tokenizer, train_sentencepiece
-from siglip_fair.report.summary import atomic_write
+from siglip_fair.io import atomic_savez, atomic_write
 
 EVAL_SPLITS = ("objects", "people", "retrieval")
 
@@ -115,7 +115,7 @@ def balance(config, workdir: str, data: Data | None = None) -> dict[str, Any]:
   atomic_write(os.path.join(out, "card.json"), json.dumps(result.card, indent=1))
   atomic_write(os.path.join(out, "card.md"), m4.card_markdown(result.card))
   # m4.npz last: its presence marks a complete balancing run.
-  _save_npz(path, q=result.q, keep=result.keep)
+  atomic_savez(path, q=result.q, keep=result.keep)
   print(f"balance: kept {result.keep.mean():.3f} of {result.keep.size} examples "
         f"(verdict: {result.card['verdict']}); card in {out}")
   return load_balance(out)
@@ -128,12 +128,6 @@ def load_balance(out: str) -> dict[str, Any]:
     result["card"] = json.load(f)
   result["annotations"] = annotate.load_annotations(os.path.join(out, "annotations.npz"))
   return result
-
-
-def _save_npz(path: str, **arrays) -> None:
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
 
 
 def train_iterator(config, data: Data, keep: np.ndarray | None):

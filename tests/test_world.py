@@ -95,7 +95,12 @@ def test_fields_are_consistent(train):
 def test_eval_splits():
   cfg = world.default_config()
   people = world.generate_split(cfg, "people")
-  assert np.all(people["kind"] == 1) and not people["w"].any()
+  assert np.all(people["kind"] == 1)
+  # Proxies at random, independent of group and occupation.
+  assert abs(people["w"].mean() - cfg.people_proxy_rate) < _tol(cfg.people_proxy_rate, people["w"].size)
+  for g in range(2):
+    rate = people["w"][people["gender"] == g].mean()
+    assert abs(rate - cfg.people_proxy_rate) < _tol(cfg.people_proxy_rate, people["w"].size / 2)
   np.testing.assert_array_equal(people["gender"], np.arange(1000) % 2)
   assert set(people["occupation"]) == set(range(len(world.OCCUPATIONS)))
   objects = world.generate_split(cfg, "objects")

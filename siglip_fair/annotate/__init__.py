@@ -5,7 +5,6 @@ s [N, m], known [N], y [N, c], w [N, p], u [N] (docs/ARCHITECTURE.md).
 """
 from collections.abc import Mapping
 import os
-import tempfile
 
 import ml_collections
 import numpy as np
@@ -17,6 +16,7 @@ from siglip_fair.annotate.combine import RULES
 from siglip_fair.annotate.lexicon import annotate_captions
 from siglip_fair.annotate.lexicon import default_lexicon_config
 from siglip_fair.annotate.lexicon import tokenize
+from siglip_fair.io import atomic_savez
 
 SOURCES = ("text", "ground_truth", "combined")
 KEYS = ("s", "known", "y", "w", "u")
@@ -99,17 +99,7 @@ def save_annotations(path: str | os.PathLike,
                      ann: Mapping[str, np.ndarray]) -> None:
   """Atomically writes the annotation arrays to an .npz file at path."""
   validate_annotations(ann)
-  path = os.fspath(path)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **{k: np.asarray(ann[k], np.float32) for k in KEYS})
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  atomic_savez(path, **{k: np.asarray(ann[k], np.float32) for k in KEYS})
 
 
 def load_annotations(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -8,30 +8,16 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
+from siglip_fair.io import atomic_write
+
 PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-  """Writes `data` to `path` via a temp file in the same folder + os.replace."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".model")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def train_sentencepiece(
@@ -81,7 +67,7 @@ def train_sentencepiece(
       num_threads=1,
       minloglevel=2,
   )
-  _atomic_write_bytes(path, model.getvalue())
+  atomic_write(path, model.getvalue())
   return path
 
 

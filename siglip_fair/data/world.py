@@ -74,6 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
   cfg.proxy_strength = 0.8  # P(occupation's own proxy drawn | occupation)
   cfg.proxy_base_rate = 0.05  # P(any other proxy drawn | person)
   cfg.object_proxy_rate = 0.05  # P(a proxy drawn | object scene), per proxy
+  cfg.people_proxy_rate = 0.3  # P(a proxy drawn), per proxy, in the people (AB) split
   # P(an object scene has an owner) in OWNER_SPLITS; the owner's group follows
   # woman_prevalence and is named in captions like a person's.
   cfg.object_owner_rate = 0.3
@@ -108,7 +109,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   for name in ("person_share", "woman_prevalence", "caption_gender_rate",
                "caption_gender_noise", "caption_occupation_rate",
                "caption_object_rate", "proxy_strength", "proxy_base_rate",
-               "object_proxy_rate", "object_owner_rate", "tool_rate"):
+               "object_proxy_rate", "people_proxy_rate", "object_owner_rate", "tool_rate"):
     if not 0.0 <= cfg[name] <= 1.0:
       raise ValueError(f"world.{name}={cfg[name]} must be in [0, 1].")
   if cfg.object_background not in ("grey", "tint"):
@@ -227,7 +228,12 @@ def _labels(cfg, split, r, ids):
   own = np.eye(c, p, dtype=bool)[r["occupation"]]
   rate = np.where(own, cfg.proxy_strength, cfg.proxy_base_rate)
   rate = np.where(person[:, None], rate, cfg.object_proxy_rate)
-  w = (r["proxy"] < rate) & (split != "people")
+  if split == "people":
+    # Proxies at random, independent of group and occupation: like the varied backgrounds of a
+    # face data set, they spread the occupation preference across images, so AB measures how
+    # far the group shifts it rather than which side of a knife-edge identical images fall on.
+    rate = np.full_like(rate, cfg.people_proxy_rate)
+  w = r["proxy"] < rate
   # gender/occupation -1 rows index the last one-hot row; the masks zero them.
   return dict(
       id=ids.astype(np.int64), kind=kind, gender=gender,
@@ -289,6 +295,7 @@ def _captions(cfg, split, r, ex):
     names_group[:] = True
     said_group = np.broadcast_to(ex["gender"][:, None], (n, k))
     names_occupation[:] = False
+    named_proxies[:] = False
   template, noun = r["template"], r["noun"]
   mentions = [[[] for _ in range(k)] for _ in range(n)]
   for i, j, q in zip(*np.nonzero(named_proxies)):

@@ -15,7 +15,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from siglip_fair.report.summary import atomic_write, metric_names
+from siglip_fair.io import atomic_write
+from siglip_fair.report.summary import metric_names
 
 DEFAULT_CURVES = ("loss", "bias/rb", "bias/ab_mean", "bias/gender_acc",
                   "zeroshot/top1", "retrieval/i2t_r1", "retrieval/t2i_r1")

@@ -9,29 +9,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from siglip_fair.io import atomic_write
+
 _BOUNDS = ("_lo", "_hi")
-
-
-def atomic_write(path: str, data: str | bytes) -> str:
-  """Writes `data` to `path` through a temp file in the same folder + os.replace."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data.encode("utf-8") if isinstance(data, str) else data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
 
 
 def _check_rows(rows: Sequence[Mapping[str, Any]]) -> None:
