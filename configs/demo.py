@@ -14,10 +14,12 @@ def get_config(arg=None):
   # for the stereotypically female / male occupation of each pair (AB).
   c.world.woman_prevalence = 0.3
   c.world.association = 0.4
-  # Balance on text annotations, falling back to the image side (ground truth here, zero-shot
-  # inference later) where a caption names no group.
-  c.annotate.source = "combined"
-  c.annotate.rule = "text_first"
+  # Balance on the image-side attributes: the world's ground truth stands in for zero-shot image
+  # annotation here. The text lexicons' precision / recall is still reported; balancing on them
+  # ('combined', rule 'text_first') leaves a residual association, because a caption that names
+  # the wrong group (caption_gender_noise) is a large share of the minority group of a skewed
+  # occupation.
+  c.annotate.source = "ground_truth"
   # Equal prevalence of the two groups, decorrelated from occupations. Exact balance keeps at most
   # 74 % of this world (every unowned object scene, twice the minority among owned scenes and,
   # per occupation, twice its minority group), so the budget is 65 %.
