@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from siglip_fair.data.pipeline import normalize_image
 from siglip_fair.evaluate import bias, metrics, prompts
 from siglip_fair.evaluate.bootstrap import bootstrap_ci
 
@@ -67,7 +68,7 @@ def preprocess_images(images: np.ndarray) -> np.ndarray:
   if images.dtype != np.uint8:
     raise ValueError(f"Images must be uint8 [H, W, 3] as stored in the source,"
                      f" got {images.dtype}.")
-  return images.astype(np.float32) / 127.5 - 1.0
+  return normalize_image(images)
 
 
 def _embed_fixed(fn: Embedder, params, inputs: np.ndarray, batch_size: int) -> np.ndarray:
