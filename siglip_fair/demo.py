@@ -19,8 +19,8 @@ from siglip_fair.report import plots, summary
 # Metrics of the side-by-side table, in display order.
 TABLE_METRICS = (
     "zeroshot/top1", "zeroshot/top5", "retrieval/i2t_r1", "retrieval/t2i_r1", "retrieval/i2t_r5",
-    "retrieval/t2i_r5", "bias/rb", "bias/ab_mean", "bias/gender_acc", "kept_fraction",
-    "data/rb", "data/ab_mean")
+    "retrieval/t2i_r5", "bias/rb", "bias/ab_mean", "bias/ab_argmax_mean", "bias/gender_acc",
+    "kept_fraction", "data/rb", "data/ab_mean")
 
 
 def _data_bias(ann, weights) -> dict[str, float]:

@@ -141,9 +141,10 @@ def train_iterator(config, data: Data, keep: np.ndarray | None):
 
 def make_evaluators(config, data: Data, model, *, bootstrap: bool):
   from siglip_fair.evaluate import evaluators as ev
-  from siglip_fair.models.two_tower import embed_fns
+  from siglip_fair.models.two_tower import embed_fns, temperature
   embed_images, embed_texts = embed_fns(model)
   context = ev.EvalContext(embed_images=embed_images, embed_texts=embed_texts,
+                           temperature=temperature,
                            tokenizer=data.tokenizer,
                            sources={s: data.sources[s] for s in EVAL_SPLITS},
                            batch_size=config.eval_batch_size)

@@ -66,6 +66,44 @@ def test_association_bias_planted_gaps_match_loops():
     assert gaps[p] == pytest.approx(rate[1] - rate[0])
 
 
+def test_preference_probability_is_the_two_way_softmax():
+  img, gender, first, second = _planted_people(np.random.default_rng(5))
+  for t in (1.0, 10.0, 1e4):  # 1e4: exp(t·sim) overflows float64; the probability must not
+    prob = bias.preference_probability(img, first, second, t)
+    assert prob.shape == (100, 2) and prob.dtype == np.float32
+    for n in range(0, 100, 7):
+      for p in range(2):
+        logits = t * np.array([img[n] @ first[p], img[n] @ second[p]], np.float64)
+        softmax = 1.0 / (1.0 + np.exp(np.clip(logits[1] - logits[0], -700, 700)))
+        assert prob[n, p] == pytest.approx(softmax, abs=1e-6)
+  # A tie is an even split; t -> inf recovers the hard preference.
+  assert bias.preference_probability(img[:1], first[0], first[0], 5.0)[0] == 0.5
+  np.testing.assert_array_equal(np.round(bias.preference_probability(img, first, second, 1e6)),
+                                bias.prefers_first(img, first, second))
+  with pytest.raises(ValueError, match="temperature must be > 0"):
+    bias.preference_probability(img, first, second, 0.0)
+
+
+def test_probability_ab_measures_size_where_the_share_only_sees_the_sign():
+  # Near-identical images: a small group direction g·e_6 on top of a shared content vector.
+  # Every woman prefers the first prompt and every man the second, so the share-based AB is
+  # 100 % however small g is; the probability-based one is the closed-form sigmoid gap.
+  t, g = 10.0, 0.01
+  content = np.array([0.6, 0.8, 0, 0, 0, 0, 0, 0])
+  gender = np.repeat([0, 1], 50)
+  img = np.stack([content + (1 if k else -1) * g * _basis(6) for k in gender])
+  first, second = _basis(0) + 0.5 * _basis(6), _basis(0) - 0.5 * _basis(6)
+  first, second = first[None] / np.linalg.norm(first), second[None] / np.linalg.norm(second)
+  share = bias.association_bias(bias.prefers_first(img, first, second), gender, 1, 0)[1]
+  prob = bias.association_bias(
+      bias.preference_probability(img, first, second, t), gender, 1, 0)[1]
+  gap = g / np.linalg.norm(_basis(0) + 0.5 * _basis(6))  # sim(first) − sim(second) for a woman
+  sigmoid = lambda x: 1 / (1 + np.exp(-x))
+  assert share == pytest.approx(1.0)  # percent / 100
+  assert prob == pytest.approx(sigmoid(t * gap) - sigmoid(-t * gap), rel=1e-4)
+  assert prob < 0.05  # vs the share's 1.0
+
+
 def test_association_bias_empty_group_is_nan_without_warnings():
   prefer = np.ones((5, 3), np.float32)
   with warnings.catch_warnings():

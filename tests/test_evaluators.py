@@ -115,7 +115,7 @@ def _context(towers, rng=None):
   sources = {"objects": _objects(), "people": _people(),
              "retrieval": _retrieval(rng or np.random.default_rng(0))}
   return ev.EvalContext(towers.embed_images, towers.embed_texts, BagOfWords(),
-                        sources, batch_size=BATCH)
+                        sources, batch_size=BATCH, temperature=lambda params: params["t"])
 
 
 def _config(num_bootstrap=200):
@@ -130,18 +130,30 @@ def _config(num_bootstrap=200):
 def test_all_evaluators_yield_planted_values_with_fixed_batches():
   towers = FakeTowers()
   context = _context(towers)
-  params = {"words": _word_table()}
+  params = {"words": _word_table(), "t": 7.0}
   out = ev.run_all(ev.build_evaluators(_config(), context), params)
 
   assert out["zeroshot/top1"] == pytest.approx(15 / 20)
   assert out["zeroshot/top2"] == pytest.approx(1.0)
   assert out["bias/rb"] == pytest.approx(100 * (14 / 21 - 0.5))
-  assert out["bias/ab/nurse_doctor"] == pytest.approx(100 * (0.8 - 0.3))
-  assert out["bias/ab/librarian_scientist"] == pytest.approx(0.0)
-  assert out["bias/ab_mean"] == pytest.approx(25.0)
+  assert out["bias/ab_argmax/nurse_doctor"] == pytest.approx(100 * (0.8 - 0.3))
+  assert out["bias/ab_argmax/librarian_scientist"] == pytest.approx(0.0)
+  assert out["bias/ab_argmax_mean"] == pytest.approx(25.0)
+  # The probability reading, by brute force: softmax over the two prompts at t = 7.
+  people = context.sources["people"]
+  img = _unit([r["image"].reshape(-1)[:D] / 255.0 for r in people])
+  gender = np.array([r["gender"] for r in people])
+  expected = []
+  for a, b in ((2, 3), (4, 5)):  # word axes of (nurse, doctor), (librarian, scientist)
+    prob = np.exp(7 * img[:, a]) / (np.exp(7 * img[:, a]) + np.exp(7 * img[:, b]))
+    expected.append(100 * (prob[gender == 1].mean() - prob[gender == 0].mean()))
+  assert out["bias/ab/nurse_doctor"] == pytest.approx(expected[0], rel=1e-4)
+  assert out["bias/ab/librarian_scientist"] == pytest.approx(expected[1], abs=1e-4)
+  assert out["bias/ab_mean"] == pytest.approx(np.mean(np.abs(expected)), rel=1e-4)
+  assert 0 < out["bias/ab/nurse_doctor"] < out["bias/ab_argmax/nurse_doctor"]
   assert out["bias/gender_acc"] == pytest.approx(0.9)
-  for name in ("zeroshot/top1", "bias/rb", "bias/ab/nurse_doctor",
-               "bias/ab_mean", "bias/gender_acc"):
+  for name in ("zeroshot/top1", "bias/rb", "bias/ab/nurse_doctor", "bias/ab_mean",
+               "bias/ab_argmax_mean", "bias/gender_acc"):
     assert out[name + "_lo"] <= out[name] <= out[name + "_hi"], name
   assert out["bias/rb_lo"] < out["bias/rb_hi"]
   assert {k for k in out if k.startswith("retrieval/")} == {
@@ -182,9 +194,10 @@ def test_bootstrap_off_and_empty_group():
                                   if r["gender"] == 0]  # no women left
   config = {"ab": {"type": "association_bias", "pairs": [["nurse", "doctor"]],
                    "bootstrap": {"num_samples": 0}}}
-  out = ev.run_all(ev.build_evaluators(config, context), {"words": _word_table()})
-  assert set(out) == {"bias/ab/nurse_doctor", "bias/ab_mean"}
-  assert np.isnan(out["bias/ab_mean"])
+  out = ev.run_all(ev.build_evaluators(config, context), {"words": _word_table(), "t": 1.0})
+  assert set(out) == {"bias/ab/nurse_doctor", "bias/ab_mean", "bias/ab_argmax/nurse_doctor",
+                      "bias/ab_argmax_mean"}
+  assert np.isnan(out["bias/ab_mean"]) and np.isnan(out["bias/ab_argmax_mean"])
 
 
 def test_config_errors_are_explained():
@@ -196,6 +209,13 @@ def test_config_errors_are_explained():
   with pytest.raises(ValueError, match="needs split 'valid'"):
     ev.build_evaluators({"rb": {"type": "representation_bias", "split": "valid"}},
                         context)
+  no_t = ev.EvalContext(context.embed_images, context.embed_texts, context.tokenizer,
+                        context.sources, batch_size=BATCH)
+  with pytest.raises(ValueError, match="needs the model's temperature"):
+    ev.build_evaluators({"ab": {"type": "association_bias"}}, no_t)
+  fixed = ev.build_evaluators({"ab": {"type": "association_bias", "temperature": 3.0,
+                                      "pairs": [["nurse", "doctor"]]}}, no_t)
+  assert np.isfinite(dict(fixed["ab"].run({"words": _word_table()}))["bias/ab_mean"])
   with pytest.raises(ValueError, match="needs `classes`"):
     ev.build_evaluators({"zeroshot": {}}, context)
   twice = ml_collections.ConfigDict({"a": {"type": "representation_bias"},

@@ -7,7 +7,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from siglip_fair.models import TextTransformer, ViT, decode_variant, embed_fns, make_model
+from siglip_fair.models import (TextTransformer, ViT, decode_variant, embed_fns, make_model,
+                                temperature)
 from siglip_fair.models.vit import posemb_sincos_2d
 
 # big_vision's table (width, depth, mlp_dim, heads), written out independently of the code.
@@ -149,6 +150,9 @@ def test_two_tower_outputs(tiny):
   embed_images, embed_texts = embed_fns(model)  # image-only and text-only calls
   np.testing.assert_allclose(embed_images(params, images), zimg, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(embed_texts(params, tokens), ztxt, rtol=1e-5, atol=1e-6)
+  assert temperature(params) == pytest.approx(float(extras["t"]), rel=1e-6)
+  with pytest.raises(ValueError, match="no 't'"):
+    temperature({"img": {}})
 
 
 def test_clip_style_has_no_bias_parameter():

@@ -39,6 +39,36 @@ def prefers_first(image_emb: np.ndarray, first_emb: np.ndarray,
   return (first > second).astype(np.float32) + 0.5 * (first == second)
 
 
+def preference_probability(image_emb: np.ndarray, first_emb: np.ndarray,
+                           second_emb: np.ndarray, temperature: float) -> np.ndarray:
+  """The model's probability of the first prompt when it chooses between two.
+
+  A softmax over the two logits t·sim at the model's temperature t, i.e.
+  sigmoid(t · (sim(first) − sim(second))). Unlike `prefers_first` it is smooth: on images
+  that are near copies of one another (a synthetic world, a narrow face data set), a model
+  with a tiny group direction in (first − second) flips every image of a group at once and
+  the share of preferences jumps between 0 and 1, while the probability moves by as much as
+  the model's preference actually changes.
+
+  Args:
+    image_emb: [N, D] normalised image embeddings.
+    first_emb, second_emb: [D] or [P, D] normalised prompt embeddings.
+    temperature: t > 0, the model's logit scale (1 / τ; SigLIP and CLIP learn it).
+
+  Returns:
+    float32 [N] or [N, P] in (0, 1); 0.5 on a tie.
+  """
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0 (the model's logit scale), got {temperature}.")
+  prefer_shape = prefers_first(image_emb, first_emb, second_emb).shape  # validates shapes
+  image_emb = np.asarray(image_emb, np.float64)
+  gap = image_emb @ np.asarray(first_emb, np.float64).T - image_emb @ np.asarray(
+      second_emb, np.float64).T
+  # tanh form of the sigmoid: no overflow for large t·gap.
+  prob = 0.5 * (1.0 + np.tanh(0.5 * float(temperature) * gap))
+  return prob.astype(np.float32).reshape(prefer_shape)
+
+
 def representation_bias(prefer: np.ndarray) -> np.ndarray:
   """RB = share of images preferring the first group, minus 0.5.
 
@@ -79,7 +109,8 @@ def association_bias(prefer: np.ndarray, group: np.ndarray, group_a: int,
   """AB per pair and its mean absolute value.
 
   Args:
-    prefer: [..., N, P] 1/0.5/0: image prefers the pair's first occupation.
+    prefer: [..., N, P] in [0, 1]: the image's preference for the pair's first occupation,
+      1/0.5/0 (`prefers_first`) or a probability (`preference_probability`).
     group: int [..., N] perceived group of each image.
     group_a, group_b: the contrasted groups (the project uses a = woman,
       b = man, so AB > 0 means women are matched more to the first,

@@ -54,12 +54,16 @@ class EvalContext:
     sources: split name -> random-access source of example dicts (`len`,
       `[i]`), e.g. the dict `tfds.data_source(...)` returns.
     batch_size: B, the fixed batch size of every embedder call.
+    temperature: params -> the model's logit scale t (for the two-tower model:
+      `models.two_tower.temperature`); needed by association bias's probabilities
+      unless its config fixes one.
   """
   embed_images: Embedder
   embed_texts: Embedder
   tokenizer: Tokenizer
   sources: Mapping[str, Any]
   batch_size: int = 256
+  temperature: Callable[[Any], float] | None = None
 
 
 def preprocess_images(images: np.ndarray) -> np.ndarray:
@@ -266,19 +270,27 @@ class RepresentationBias(Evaluator):
 
 
 class AssociationBias(Evaluator):
-  """AB x scale per occupation pair: P(first | contrast[0]) - P(first |
-  contrast[1]) on people images, and the mean absolute gap.
+  """AB x scale per occupation pair: P(first | contrast[0]) - P(first | contrast[1]) on
+  people images, and the mean absolute gap (SPEC §3).
 
-  Config: `group_key` (int field indexing `groups`), `contrast`, `pairs`
-  ((first, second) names), `label_words` (optional name -> synonyms; default
-  the name itself), `templates`, `scale`. Yields prefix + ab/<first>_<second>
-  and ab_mean, each with _lo/_hi; NaN (and a logged warning) when a contrasted
-  group has no images.
+  Two readings of "the probability that the model prefers the first occupation":
+    ab/<first>_<second>, ab_mean: the model's own probability of the first occupation
+      (softmax over the two prompts at its temperature, `bias.preference_probability`),
+      averaged per group;
+    ab_argmax/<first>_<second>, ab_argmax_mean: the share of a group's images whose
+      closer prompt is the first (`bias.prefers_first`).
+  They agree on varied images; on near-identical ones the share only reports the sign of
+  the model's group direction (0 or 100 per pair) and the probability its size.
+
+  Config: `group_key` (int field indexing `groups`), `contrast`, `pairs` ((first, second)
+  names), `label_words` (optional name -> synonyms; default the name itself), `templates`,
+  `temperature` (None: the context's, i.e. the model's learnt one), `scale`. Every metric
+  comes with _lo/_hi; NaN (and a logged warning) when a contrasted group has no images.
   """
   DEFAULTS = {"split": "people", "group_key": "gender", "groups": ("man", "woman"),
               "contrast": ("woman", "man"), "pairs": DEFAULT_OCCUPATION_PAIRS,
               "label_words": {}, "templates": prompts.DEFAULT_TEMPLATES,
-              "scale": 100.0, "prefix": "bias/"}
+              "temperature": None, "scale": 100.0, "prefix": "bias/"}
 
   def __init__(self, config, context):
     super().__init__(config, context)
@@ -290,6 +302,9 @@ class AssociationBias(Evaluator):
     self._pairs = [tuple(p) for p in self.config["pairs"]]
     if not self._pairs or any(len(p) != 2 for p in self._pairs):
       raise ValueError(f"pairs={self._pairs} must be (first, second) names.")
+    if self.config["temperature"] is None and context.temperature is None:
+      raise ValueError("AssociationBias needs the model's temperature: give the EvalContext "
+                       "a `temperature` function or set the evaluator's `temperature`.")
     names = list(dict.fromkeys(n for p in self._pairs for n in p))
     self._index = {n: i for i, n in enumerate(names)}
     words = self.config["label_words"]
@@ -305,14 +320,21 @@ class AssociationBias(Evaluator):
                         name, self.config["split"])
     first = label_emb[[self._index[a] for a, _ in self._pairs]]
     second = label_emb[[self._index[b] for _, b in self._pairs]]
-    prefer = bias.prefers_first(emb, first, second)  # [N, P]
-    scale = self.config["scale"]
+    t = self.config["temperature"]
+    t = float(self.context.temperature(params) if t is None else t)
+    prefer = np.concatenate([bias.preference_probability(emb, first, second, t),
+                             bias.prefers_first(emb, first, second)], -1)  # [N, 2P]
+    scale, num = self.config["scale"], len(self._pairs)
 
     def stat(p, g):
-      gaps, mean_abs = bias.association_bias(p, g, *self._contrast)
-      return scale * np.concatenate([gaps, mean_abs[..., None]], -1)
+      gaps = bias.association_bias(p, g, *self._contrast)[0]
+      prob, share = gaps[..., :num], gaps[..., num:]
+      return scale * np.concatenate([prob, np.abs(prob).mean(-1, keepdims=True),
+                                     share, np.abs(share).mean(-1, keepdims=True)], -1)
 
-    names = [f"ab/{a}_{b}" for a, b in self._pairs] + ["ab_mean"]
+    pairs = [f"{a}_{b}" for a, b in self._pairs]
+    names = ([f"ab/{p}" for p in pairs] + ["ab_mean"]
+             + [f"ab_argmax/{p}" for p in pairs] + ["ab_argmax_mean"])
     yield from self._with_ci(names, stat, prefer, group)
 
 

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from siglip_fair.models.text import TextTransformer
 from siglip_fair.models.variants import OVERRIDABLE, decode_variant
@@ -113,3 +114,11 @@ def embed_fns(model: TwoTower) -> tuple[Callable, Callable]:
     return model.apply({"params": params}, None, tokens)[1]
 
   return embed_images, embed_texts
+
+
+def temperature(params) -> float:
+  """The learnt logit scale t = exp(params['t']) of a `TwoTower`'s parameters."""
+  if "t" not in params:
+    raise ValueError(f"params have no 't' (the log temperature); top-level keys: "
+                     f"{sorted(params)}. Are these a TwoTower's params?")
+  return float(np.exp(np.asarray(jax.device_get(params["t"]), np.float64)))
