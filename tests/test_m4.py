@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from siglip_fair.balance import m4, qp
+from siglip_fair.balance import m4, qp, stream
 
 
 def _examples(seed=0, n=64, m=2, c=3, p=2):
@@ -157,11 +157,11 @@ def test_budget_range_and_keep_mask_is_bernoulli():
   assert q.dtype == np.float32 and result.keep.dtype == np.bool_
   assert q.min() >= 0 and q.max() <= 1 and q.mean() == pytest.approx(0.9, abs=1e-3)
   assert abs(result.keep.mean() - q.mean()) < 4 * np.sqrt((q * (1 - q)).sum()) / len(q)
-  np.testing.assert_array_equal(m4.keep_mask(q, jax.random.key(0)), result.keep)
-  assert (m4.keep_mask(q, jax.random.key(1)) != result.keep).any()
+  np.testing.assert_array_equal(stream.keep_mask(q, jax.random.key(0)), result.keep)
+  assert (stream.keep_mask(q, jax.random.key(1)) != result.keep).any()
   # Each probability is hit at its own rate: 20k draws per value, 4σ bounds.
   values = np.array([0.0, 0.05, 0.5, 0.93, 1.0], np.float32)
-  draws = m4.keep_mask(np.repeat(values, 20000), jax.random.key(2)).reshape(5, -1).mean(1)
+  draws = stream.keep_mask(np.repeat(values, 20000), jax.random.key(2)).reshape(5, -1).mean(1)
   np.testing.assert_allclose(draws, values, atol=4 * np.sqrt(0.25 / 20000))
   assert draws[0] == 0 and draws[-1] == 1
 

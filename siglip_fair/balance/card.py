@@ -42,51 +42,83 @@ def _py(x):
   return None if np.isnan(x) else x
 
 
-def _prevalence(weight, s, known):
-  """P(s_k | known_k) under example weights [N]: [m]."""
-  wk = weight[:, None] * known
-  return _ratio((wk * s).sum(0), wk.sum(0))
+def card_sums(ann: dict, q, keep) -> dict:
+  """The float64 sums a data card is made of, over in-memory annotations (numpy reference of
+  the streamed `stream.card_pass`; sums of chunks add up).
 
-
-def _association(weight, s, known, cols):
-  """P(s_k | col_r, known_k) − P(s_k | known_k) under example weights [N]: [m, k]."""
-  wk = weight[:, None] * known
-  return _ratio((wk * s).T @ cols, wk.T @ cols) - _prevalence(weight, s, known)[:, None]
-
-
-def data_card(ann: dict, q, keep, *, pi, eps: dict, duals: dict, config, info: dict,
-              names: dict | None = None) -> dict:
-  """JSON-serialisable summary of an M4 run.
-
-  ann: the annotations given to `balance`; q [N]; keep bool [N]; pi [m]; eps, duals: as in
-  m4 (constraint trees); info: solver counters from `m4.solve`.
+  For each weight ('one', 'q', 'keep'): known [m], s_known [m] and, per column block x in
+  (y, w), known_x / s_x [m, cols] = Σ weight·known_k·x_r (·s_k); plus q_sum, q_sq, keep_sum, n.
   """
   s = np.asarray(ann["s"], np.float64)
   n, m = s.shape
   known = np.asarray(ann["known"], np.float64)
-  known = np.repeat(known[:, None], m, axis=1) if known.ndim == 1 else known
-  cols = {"assoc": np.asarray(ann.get("y", np.zeros((n, 0))), np.float64),
-          "proxy": np.asarray(ann.get("w", np.zeros((n, 0))), np.float64)}
-  nm = _names(names, m, cols["assoc"].shape[1], cols["proxy"].shape[1])
-  q = np.asarray(q, np.float64)
-  keep = np.asarray(keep, np.float64)
-  pi = np.asarray(pi, np.float64)
-  ones = np.ones(n)
-  d = (s - pi) * known
+  known = np.broadcast_to(known[:, None] if known.ndim == 1 else known, (n, m))
+  cols = {b: np.asarray(ann.get(b, np.zeros((n, 0))), np.float64) for b in ("y", "w")}
+  q, keep = np.asarray(q, np.float64), np.asarray(keep, np.float64)
+  out = {}
+  for name, wt in (("one", np.ones(n)), ("q", q), ("keep", keep)):
+    k = known * wt[:, None]
+    out[name] = dict(known=k.sum(0), s_known=(k * s).sum(0))
+    for b, x in cols.items():
+      out[name][f"known_{b}"] = k.T @ x
+      out[name][f"s_{b}"] = (k * s).T @ x
+  out.update(q_sum=q.sum(), q_sq=(q * q).sum(), keep_sum=keep.sum(), n=float(n))
+  return out
 
+
+def _moments(sums, pi) -> dict:
+  """E[q·b] as a constraint tree from the sums: Σ q·(s_k − π_k)·known_k·x / N."""
+  qs, n = sums["q"], sums["n"]
+  pi = np.asarray(pi, np.float64)
+  return dict(rep=(qs["s_known"] - pi * qs["known"]) / n,
+              assoc=(qs["s_y"] - pi[:, None] * qs["known_y"]) / n,
+              proxy=(qs["s_w"] - pi[:, None] * qs["known_w"]) / n)
+
+
+def worst_residual(sums, pi, eps: dict, config) -> float:
+  """max(|moment| − ε) over the enforced constraints, and |E[q] − η| for the budget."""
+  mom = _moments(sums, pi)
+  blocks = ["rep"] + [b for b, on in (("assoc", config.use_labels),
+                                       ("proxy", config.use_proxies)) if on]
+  res = [np.max(np.abs(mom[b]) - eps[b], initial=-np.inf) for b in blocks]
+  return float(max(max(res), abs(sums["q_sum"] / sums["n"] - config.eta)))
+
+
+def data_card(ann: dict, q, keep, *, pi, eps: dict, duals: dict, config, info: dict,
+              names: dict | None = None) -> dict:
+  """JSON-serialisable summary of an M4 run over in-memory annotations.
+
+  ann: the annotations given to `balance`; q [N]; keep bool [N]; pi [m]; eps, duals: as in
+  m4 (constraint trees); info: solver counters from `m4.solve`.
+  """
+  return data_card_from_sums(card_sums(ann, q, keep), pi=pi, eps=eps, duals=duals,
+                             config=config, info=info, names=names)
+
+
+def data_card_from_sums(sums: dict, *, pi, eps: dict, duals: dict, config, info: dict,
+                        names: dict | None = None) -> dict:
+  """The data card from `card_sums` (or the streamed equivalent)."""
+  one, qs, ks = sums["one"], sums["q"], sums["keep"]
+  n = int(round(float(sums["n"])))
+  m = one["known"].shape[0]
+  nm = _names(names, m, one["known_y"].shape[1], one["known_w"].shape[1])
+  pi = np.asarray(pi, np.float64)
+  prev_before = _ratio(one["s_known"], one["known"])
+  prev_after = _ratio(qs["s_known"], qs["known"])
+  members = one["s_known"]
   groups = []
-  prev_before, prev_after = _prevalence(ones, s, known), _prevalence(q, s, known)
-  members = (s * known).sum(0)
   for k in range(m):
     groups.append(dict(
         name=nm["groups"][k], target=float(pi[k]), before=_py(prev_before[k]),
-        after=_py(prev_after[k]),
-        kept_expected=_py(_ratio((q * s[:, k] * known[:, k]).sum(), members[k])),
-        kept_realised=_py(_ratio((keep * s[:, k] * known[:, k]).sum(), members[k]))))
+        after=_py(prev_after[k]), kept_expected=_py(_ratio(qs["s_known"][k], members[k])),
+        kept_realised=_py(_ratio(ks["s_known"][k], members[k]))))
 
   cap = float(config.V)
   constraints, association = [], []
-  kinds = {"assoc": ("labels", config.use_labels), "proxy": ("proxies", config.use_proxies)}
+  kinds = {"assoc": ("labels", "y", config.use_labels),
+           "proxy": ("proxies", "w", config.use_proxies)}
+  after_moments = _moments(sums, pi)
+  before_moments = _moments(dict(q=one, n=sums["n"]), pi)
 
   def constraint(name, moment, e, v):
     lam = float(v[0] - v[1])
@@ -95,25 +127,28 @@ def data_card(ann: dict, q, keep, *, pi, eps: dict, duals: dict, config, info: d
                             at_cap=bool(abs(lam) >= cap * (1 - 1e-6))))
 
   for k in range(m):
-    constraint(f"rep[{nm['groups'][k]}]", (q * d[:, k]).mean(), eps["rep"][k],
+    constraint(f"rep[{nm['groups'][k]}]", after_moments["rep"][k], eps["rep"][k],
                duals["v"]["rep"][:, k])
-  for block, (key, on) in kinds.items():
-    x = cols[block]
-    before, after = _association(ones, s, known, x), _association(q, s, known, x)
-    mom_before, mom_after = d.T @ x / n, (q[:, None] * d).T @ x / n
+  for block, (key, col, on) in kinds.items():
+    # P(s_k | x_r, known) − P(s_k | known), before (weight 1) and after (weight q).
+    before = _ratio(one[f"s_{col}"], one[f"known_{col}"]) - prev_before[:, None]
+    after = _ratio(qs[f"s_{col}"], qs[f"known_{col}"]) - prev_after[:, None]
     for k in range(m):
-      for r in range(x.shape[1]):
+      for r in range(before.shape[1]):
         name = f"{block}[{nm['groups'][k]}, {nm[key][r]}]"
         association.append(dict(name=name, constrained=bool(on), before=_py(before[k, r]),
-                                after=_py(after[k, r]), moment_before=float(mom_before[k, r]),
-                                moment_after=float(mom_after[k, r])))
+                                after=_py(after[k, r]),
+                                moment_before=float(before_moments[block][k, r]),
+                                moment_after=float(after_moments[block][k, r])))
         if on:
-          constraint(name, mom_after[k, r], eps[block][k, r], duals["v"][block][:, k, r])
+          constraint(name, after_moments[block][k, r], eps[block][k, r],
+                     duals["v"][block][:, k, r])
 
   worst = max(constraints, key=lambda c: c["residual"])
   binding = [c["name"] for c in sorted(constraints, key=lambda c: -c["residual"])
              if c["residual"] > config.tol]
-  budget_gap = float(q.mean() - config.eta)
+  expected = float(sums["q_sum"] / sums["n"])
+  budget_gap = expected - float(config.eta)
   if abs(budget_gap) > config.tol:
     binding.append("budget")
   return dict(
@@ -122,14 +157,16 @@ def data_card(ann: dict, q, keep, *, pi, eps: dict, duals: dict, config, info: d
       largest_violation=dict(name=worst["name"], residual=worst["residual"],
                              moment=worst["moment"], eps=worst["eps"]),
       n=n,
-      kept=dict(expected=float(q.mean()), realised=float(keep.mean()), budget=float(config.eta),
-                budget_gap=budget_gap),
-      kish_ess=float(q.sum() ** 2 / max((q ** 2).sum(), 1e-300)),
+      kept=dict(expected=expected, realised=float(sums["keep_sum"] / sums["n"]),
+                budget=float(config.eta), budget_gap=budget_gap),
+      kish_ess=float(sums["q_sum"] ** 2 / max(sums["q_sq"], 1e-300)),
       groups=groups,
       association=association,
       constraints=constraints,
       mu=float(duals["mu"]),
-      dual_steps=dict(stochastic=int(info["stochastic_steps"]), refine=int(info["refine_steps"])),
+      dual_steps=dict(stochastic=int(info["stochastic_steps"]), refine=int(info["refine_steps"]),
+                      polish=int(info.get("polish_steps", 0))),
+      solved_on=dict(sample=int(info.get("sample", n)), n=n),
       curvature=float(info["curvature"]),
       settings=dict(eta=float(config.eta), eps_rep=float(config.eps_rep),
                     eps_assoc=float(config.eps_assoc), tolerance=str(config.tolerance),

@@ -65,12 +65,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.tol = 1e-3           # verdict: a constraint fails when |moment| > eps + tol.
   c.optim = ml_collections.ConfigDict()
   c.optim.batch_size = 1024
-  c.optim.steps = 1000        # stochastic steps, rounded up to whole epochs.
+  c.optim.steps = 1000        # stochastic steps, rounded up to whole epochs (0: none).
   c.optim.lr = 1.0            # stochastic step in units of 1 / L (Jacobi-scaled), ...
   c.optim.decay_steps = 100   # ... decayed as lr / (1 + t / decay_steps).
   c.optim.average_from = 0.5  # average the stochastic iterates over the last half.
   c.optim.refine_steps = 100  # exact full-data accelerated steps (each one pass); 0: none.
   c.optim.power_iters = 30    # power iterations for the curvature L.
+  # Scale (balance/stream.py): the dual is solved on a uniform sample of at most sample_size
+  # rows (all rows below it); q, the budget and the card are then exact passes over all rows in
+  # chunks of chunk_size. polish_steps exact full-data steps follow when the exact certificate of
+  # a sampled solve shows a violation (each is one pass).
+  c.optim.sample_size = 1 << 18
+  c.optim.chunk_size = 1 << 16
+  c.optim.polish_steps = 10
+  c.repeats = False      # also draw integer repeat counts with E[r] = q / η (same-size data).
   return c
 
 
@@ -109,6 +117,7 @@ class M4Result:
   keep: np.ndarray  # bool [N], Bernoulli(q) drawn from the key given to `balance`
   duals: dict       # {'v': constraint tree, each [2, ...] (upper, lower), 'mu': float}
   card: dict        # JSON-serialisable data card (card.py)
+  repeats: np.ndarray | None = None  # int32 [N], E[r] = q / η, when config.repeats
 
 
 # ---------------------------------------------------------------------------------- math
@@ -162,12 +171,6 @@ def constraint_moments(q, ann: dict, pi) -> dict:
   qd = np.asarray(q, np.float64)[:, None] * (s - np.asarray(pi, np.float64)) * known / len(s)
   return dict(rep=qd.sum(0), assoc=qd.T @ np.asarray(ann.get("y", empty), np.float64),
               proxy=qd.T @ np.asarray(ann.get("w", empty), np.float64))
-
-
-def keep_mask(q, key: jax.Array) -> np.ndarray:
-  """Independent Bernoulli(q_i) draws: bool [N]; the same key gives the same mask."""
-  q = jnp.asarray(q, jnp.float32)
-  return np.asarray(jax.random.uniform(key, q.shape) < q)
 
 
 # ---------------------------------------------------------------------------- dual ascent
@@ -231,13 +234,12 @@ def run_epoch(state: DualState, ex: Examples, consts: Consts, key, lr, decay_ste
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "epochs"))
-def stochastic_ascent(ex: Examples, consts: Consts, key, lr, decay_steps, average_from, *,
-                      batch_size: int, epochs: int) -> DualState:
-  """The stochastic phase from zero duals: `epochs` shuffled passes, tail-averaged."""
+def stochastic_ascent(ex: Examples, consts: Consts, key, lr, decay_steps, average_from, v0, mu0,
+                      *, batch_size: int, epochs: int) -> DualState:
+  """The stochastic phase from duals (v0, µ0): `epochs` shuffled passes, tail-averaged."""
   total = epochs * -(-ex.u.shape[0] // batch_size)
   avg_start = jnp.minimum(jnp.floor(average_from * total), total - 1).astype(jnp.int32)
-  zeros = jax.tree.map(lambda e: jnp.zeros((2,) + e.shape, jnp.float32), consts.eps)
-  state = DualState(zeros, jnp.float32(0), zeros, jnp.float32(0), jnp.int32(0), jnp.int32(0))
+  state = DualState(v0, mu0, v0, mu0, jnp.int32(0), jnp.int32(0))
   keys = jax.random.split(key, epochs)
   return jax.lax.fori_loop(0, epochs, lambda e, st: run_epoch(
       st, ex, consts, keys[e], lr, decay_steps, avg_start, batch_size), state)
@@ -326,32 +328,6 @@ def refine(lam, mu, ex: Examples, consts: Consts, lr, *, batch_size: int, steps:
   return x
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size",))
-def final_pass(lam, ex: Examples, consts: Consts, *, batch_size: int):
-  """q [N] from λ, with µ [] chosen by bisection so that E[q] = η. Returns (q, µ)."""
-  n = ex.u.shape[0]
-  idx, _ = _batches(jnp.arange(n), batch_size)
-
-  def margin(i):  # η + u − bᵀλ: q = clip(margin − µ, 0, 1).
-    batch = _take(ex, i)
-    d = (batch.s - consts.pi) * batch.known
-    return consts.eta + batch.u - b_dot(lam, d, batch.y, batch.w)
-
-  z = jax.lax.map(margin, idx).reshape(-1)[:n]
-  mean_q = lambda mu: jnp.mean(jnp.clip(z - mu, 0.0, 1.0))
-
-  def bisect(_, bounds):  # E[q](µ) is continuous and non-increasing.
-    lo, hi = bounds
-    mid = 0.5 * (lo + hi)
-    above = mean_q(mid) > consts.eta
-    return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
-
-  # At µ = min z − 1 every q is 1, at µ = max z every q is 0; 64 halvings reach float32 ulp.
-  lo, hi = jax.lax.fori_loop(0, 64, bisect, (jnp.min(z) - 1.0, jnp.max(z)))
-  mu = 0.5 * (lo + hi)
-  return jnp.clip(z - mu, 0.0, 1.0), mu
-
-
 # --------------------------------------------------------------------------------- set-up
 
 def prepare(ann: dict, config) -> Examples:
@@ -408,21 +384,33 @@ def check_config(config) -> None:
   if not config.V > 0.0:
     raise ValueError(f"config.V (the dual cap) must be > 0, got {config.V}.")
   o = config.optim
-  for name in ("batch_size", "steps", "power_iters"):
+  if not o.steps >= 0:
+    raise ValueError(f"config.optim.steps must be >= 0 (0: no stochastic phase, e.g. when "
+                     f"warm-starting), got {o.steps}.")
+  for name in ("batch_size", "power_iters", "sample_size", "chunk_size"):
     if not o[name] >= 1:
       raise ValueError(f"config.optim.{name} must be >= 1, got {o[name]}.")
-  if not (o.lr > 0 and o.decay_steps > 0 and o.refine_steps >= 0 and 0 <= o.average_from < 1):
-    raise ValueError("config.optim needs lr > 0, decay_steps > 0, refine_steps >= 0 and "
-                     f"0 <= average_from < 1; got {o.lr}, {o.decay_steps}, {o.refine_steps}, "
+  if not (o.lr > 0 and o.decay_steps > 0 and o.refine_steps >= 0 and o.polish_steps >= 0
+          and 0 <= o.average_from < 1):
+    raise ValueError("config.optim needs lr > 0, decay_steps > 0, refine_steps >= 0, "
+                     "polish_steps >= 0 and 0 <= average_from < 1; got "
+                     f"{o.lr}, {o.decay_steps}, {o.refine_steps}, {o.polish_steps}, "
                      f"{o.average_from}.")
 
 
-def targets(config, ex: Examples) -> np.ndarray:
-  """π [m]: config.pi, or each group's prevalence among examples whose attribute is known."""
-  m = ex.s.shape[1]
+def totals(ex: Examples) -> dict:
+  """The float64 sums `targets` and `tolerances` need, over in-memory Examples."""
+  f64 = lambda x: np.asarray(x, np.float64)
+  known = np.broadcast_to(f64(ex.known), ex.s.shape)
+  return dict(n=float(len(ex.s)), known=known.sum(0), s_known=(f64(ex.s) * known).sum(0),
+              y=f64(ex.y).sum(0), w=f64(ex.w).sum(0))
+
+
+def targets(config, totals: dict) -> np.ndarray:
+  """π [m]: config.pi, or each group's prevalence among rows whose attribute is known."""
+  m = totals["known"].shape[0]
   if config.pi is None:
-    n_known = ex.known.sum(0)
-    return ((ex.s * ex.known).sum(0) / np.maximum(n_known, 1)).astype(np.float32)
+    return (totals["s_known"] / np.maximum(totals["known"], 1)).astype(np.float32)
   pi = np.asarray(config.pi, np.float32).reshape(-1)
   if pi.shape != (m,) or not np.all((pi >= 0) & (pi <= 1)):
     raise ValueError(f"config.pi must be {m} targets in [0, 1], one per group; got "
@@ -430,17 +418,24 @@ def targets(config, ex: Examples) -> np.ndarray:
   return pi
 
 
-def tolerances(config, ex: Examples) -> dict:
+def tolerances(config, totals: dict) -> dict:
   """ε as a constraint tree (see `default_config` for 'absolute' vs 'relative')."""
-  m = ex.s.shape[1]
-  scale = lambda x: x.mean(0) if config.tolerance == "relative" else np.ones(x.shape[1])
-  assoc = lambda x: np.tile(config.eps_assoc * scale(x), (m, 1)).astype(np.float32)
-  return dict(rep=np.full((m,), config.eps_rep, np.float32), assoc=assoc(ex.y),
-              proxy=assoc(ex.w))
+  m, n = totals["known"].shape[0], totals["n"]
+
+  def assoc(col_sums):
+    scale = col_sums / n if config.tolerance == "relative" else np.ones_like(col_sums)
+    return np.tile(config.eps_assoc * scale, (m, 1)).astype(np.float32)
+
+  return dict(rep=np.full((m,), config.eps_rep, np.float32), assoc=assoc(totals["y"]),
+              proxy=assoc(totals["w"]))
 
 
-def solve(ex: Examples, pi, eps: dict, config) -> tuple[dict, np.ndarray, dict]:
-  """Both ascent phases and the final pass. Returns (duals, q [N], info) as numpy."""
+def solve(ex: Examples, pi, eps: dict, config, init: dict | None = None):
+  """Both ascent phases on in-memory Examples (a sample of the data, or all of it).
+
+  init: optional warm start {'v': constraint tree [2, ...], 'mu': float} (M4Result.duals).
+  Returns (λ signed duals as a numpy constraint tree, µ, consts, unit step 1 / L, info).
+  """
   o = config.optim
   n = ex.u.shape[0]
   b = min(o.batch_size, n)
@@ -451,21 +446,26 @@ def solve(ex: Examples, pi, eps: dict, config) -> tuple[dict, np.ndarray, dict]:
   lipschitz = curvature(ex, consts, batch_size=b, iters=o.power_iters)
   # Power iteration approaches λ_max from below; the margin keeps steps under 1 / L.
   unit = 1.0 / (1.1 * lipschitz)
+  if init is None:
+    v0 = jax.tree.map(lambda e: jnp.zeros((2,) + e.shape, jnp.float32), consts.eps)
+    mu0 = jnp.float32(0)
+  else:
+    v0 = jax.tree.map(lambda e, v: jnp.asarray(v, jnp.float32).reshape((2,) + e.shape),
+                      consts.eps, init["v"])
+    mu0 = jnp.float32(init["mu"])
 
   epochs = -(-o.steps // -(-n // b))
-  state = stochastic_ascent(ex, consts, jax.random.key(config.seed), o.lr * unit,
-                            jnp.float32(o.decay_steps), jnp.float32(o.average_from),
-                            batch_size=b, epochs=epochs)
-  lam = jax.tree.map(lambda v: v[0] - v[1], state.v_avg)
-  mu = state.mu_avg
+  lam, mu, taken = jax.tree.map(lambda v: v[0] - v[1], v0), mu0, 0
+  if epochs:
+    state = stochastic_ascent(ex, consts, jax.random.key(config.seed), o.lr * unit,
+                              jnp.float32(o.decay_steps), jnp.float32(o.average_from), v0, mu0,
+                              batch_size=b, epochs=epochs)
+    lam, mu, taken = jax.tree.map(lambda v: v[0] - v[1], state.v_avg), state.mu_avg, state.step
   if o.refine_steps:
     lam, mu = refine(lam, mu, ex, consts, unit, batch_size=b, steps=o.refine_steps)
-  q, mu = final_pass(lam, ex, consts, batch_size=b)
-  v = jax.tree.map(lambda x: np.asarray(jnp.stack([jnp.maximum(x, 0), jnp.maximum(-x, 0)])),
-                   lam)
-  info = dict(stochastic_steps=int(state.step), epochs=epochs, refine_steps=o.refine_steps,
+  info = dict(stochastic_steps=int(taken), epochs=epochs, refine_steps=o.refine_steps,
               curvature=float(lipschitz))
-  return dict(v=v, mu=float(mu)), np.asarray(q), info
+  return jax.tree.map(np.asarray, lam), float(mu), consts, float(unit), info
 
 
 def balance(ann: dict, config, key: jax.Array, *, names: dict | None = None) -> M4Result:
@@ -474,14 +474,8 @@ def balance(ann: dict, config, key: jax.Array, *, names: dict | None = None) -> 
   ann: annotations (docs/ARCHITECTURE.md): s [N, m], known [N] or [N, m], y [N, c],
   w [N, p], u [N]. config: like `default_config()`. names: optional dict(groups=[m],
   labels=[c], proxies=[p]) for readable constraint names in the card.
-  q depends only on (ann, config), so `keep_mask(result.q, other_key)` redraws the subset.
+  q depends only on (ann, config), so `stream.keep_mask(result.q, other_key)` redraws the
+  subset. The same as `stream.balance_stream` on one in-memory shard.
   """
-  check_config(config)
-  ex = prepare(ann, config)
-  pi = targets(config, ex)
-  eps = tolerances(config, ex)
-  duals, q, info = solve(ex, pi, eps, config)
-  keep = keep_mask(q, key)
-  card = cardlib.data_card(ann, q, keep, pi=pi, eps=eps, duals=duals, config=config,
-                           info=info, names=names)
-  return M4Result(q=q, keep=keep, duals=duals, card=card)
+  from siglip_fair.balance import stream  # pylint: disable=g-import-not-at-top
+  return stream.balance_stream(ann, config, key, names=names)

@@ -30,7 +30,8 @@ def solve_qp(ann: dict, config) -> dict:
   import cvxpy as cp  # pylint: disable=g-import-not-at-top
 
   ex = m4.prepare(ann, config)
-  pi, eps = m4.targets(config, ex), m4.tolerances(config, ex)
+  totals = m4.totals(ex)
+  pi, eps = m4.targets(config, totals), m4.tolerances(config, totals)
   n = ex.u.shape[0]
   b = m4.bias_vectors(*(np.asarray(x, np.float64) for x in ex[:4]), np.asarray(pi, np.float64))
   bmat = np.concatenate([b[k].reshape(n, -1) for k in m4.BLOCKS], axis=1)

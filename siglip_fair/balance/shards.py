@@ -1,0 +1,185 @@
+"""Annotation shards: where M4 reads its examples from, one bounded chunk at a time.
+
+A source is a sequence of shards; a shard has a length and `read(start, stop)`, which returns
+the annotation arrays (docs/ARCHITECTURE.md: s [n, m], known [n] or [n, m], y [n, c], w [n, p],
+u [n]) of rows [start, stop). M4 walks the shards in order in fixed-size chunks, so memory is
+bounded by one chunk (plus one .npz shard's arrays) whatever the number of shards, and the
+global index of a row does not depend on how the data are cut into shards.
+
+Kinds of shard:
+  ArrayShard    arrays already in memory (`balance(ann, ...)` uses one);
+  NpzShard      an `.npz` file written by `write_shards` / `annotate.save_annotations`; multi-hot
+                fields may be stored as uint8 (4x smaller; M4 casts on the device);
+  RecordShard   a random-access record source (e.g. `tfds.data_source(...)` of the synthetic
+                world) whose records hold the fields, for annotations kept next to the images.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from siglip_fair.io import atomic_savez
+
+FIELDS = ("s", "known", "y", "w", "u")
+_MULTI_HOT = ("s", "known", "y", "w")
+
+
+class Shard(Protocol):
+  def __len__(self) -> int: ...
+  def read(self, start: int, stop: int) -> dict[str, np.ndarray]: ...
+
+
+class ArrayShard:
+  """In-memory annotation arrays (no copy)."""
+
+  def __init__(self, ann: Mapping[str, Any]):
+    if "s" not in ann:
+      raise ValueError("annotations need 's' [N, m] (docs/ARCHITECTURE.md); got keys "
+                       f"{sorted(ann)}.")
+    self.arrays = {k: np.asarray(v) for k, v in ann.items() if k in FIELDS}
+    self._n = len(self.arrays["s"])
+
+  def __len__(self):
+    return self._n
+
+  def read(self, start, stop):
+    return {k: v[start:stop] for k, v in self.arrays.items()}
+
+
+def _npz_lengths(path: str) -> dict[str, tuple[int, ...]]:
+  """Array shapes of an .npz from its member headers, without reading the data."""
+  shapes = {}
+  with zipfile.ZipFile(path) as z:
+    for name in z.namelist():
+      if not name.endswith(".npy"):
+        continue
+      with z.open(name) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+          shape = np.lib.format.read_array_header_1_0(f)[0]
+        elif version == (2, 0):
+          shape = np.lib.format.read_array_header_2_0(f)[0]
+        else:  # rare (non-latin-1 field names): read the array itself
+          shape = np.lib.format.read_array(f, allow_pickle=False).shape
+      shapes[name[:-4]] = shape
+  return shapes
+
+
+class NpzShard:
+  """One .npz annotation file; arrays are loaded on the first `read` of a pass and kept
+  until a read starts at row 0 of another shard (M4 reads shards front to back)."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = os.fspath(path)
+    if not os.path.exists(self.path):
+      raise FileNotFoundError(f"annotation shard {self.path!r} does not exist.")
+    try:
+      shapes = _npz_lengths(self.path)
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+      raise ValueError(f"annotation shard {self.path!r} is not a readable .npz file ({e}).") from None
+    if "s" not in shapes:
+      raise ValueError(f"annotation shard {self.path!r} has no 's' array; it has "
+                       f"{sorted(shapes)}.")
+    self._n = shapes["s"][0]
+    self._cache = None
+
+  def __len__(self):
+    return self._n
+
+  def load(self) -> dict[str, np.ndarray]:
+    with np.load(self.path, allow_pickle=False) as f:
+      return {k: f[k] for k in f.files if k in FIELDS}
+
+  def read(self, start, stop):
+    if self._cache is None or start == 0:
+      self._cache = self.load()
+    out = {k: v[start:stop] for k, v in self._cache.items()}
+    if stop >= self._n:
+      self._cache = None  # the pass is past this shard: free it
+    return out
+
+
+class RecordShard:
+  """A random-access source of example dicts (`len`, `[i]`) with the annotation fields."""
+
+  def __init__(self, source, fields: Sequence[str] = ("s", "y", "w"), known_from_s: bool = True):
+    self.source, self.fields, self.known_from_s = source, tuple(fields), known_from_s
+    if "s" not in self.fields:
+      raise ValueError(f"RecordShard fields {self.fields} must include 's'.")
+
+  def __len__(self):
+    return len(self.source)
+
+  def read(self, start, stop):
+    rows = [self.source[i] for i in range(start, stop)]
+    out = {f: np.stack([np.asarray(r[f]) for r in rows]) if rows else None for f in self.fields}
+    if not rows:
+      return {}
+    if self.known_from_s and "known" not in out:
+      out["known"] = (out["s"].sum(-1) > 0).astype(np.uint8)  # no group recorded: unknown
+    return out
+
+
+def as_shards(source) -> list:
+  """Shards from: an annotation dict, one path, a directory of .npz files, or a list of
+  shards / paths / dicts."""
+  if isinstance(source, Mapping):
+    return [ArrayShard(source)]
+  if isinstance(source, (str, os.PathLike)):
+    path = os.fspath(source)
+    if os.path.isdir(path):
+      files = sorted(f for f in os.listdir(path) if f.endswith(".npz") and not f.startswith("."))
+      if not files:
+        raise ValueError(f"no .npz annotation shards in directory {path!r}.")
+      return [NpzShard(os.path.join(path, f)) for f in files]
+    return [NpzShard(path)]
+  shards = [s if hasattr(s, "read") else as_shards(s)[0] for s in source]
+  if not shards:
+    raise ValueError("no annotation shards given.")
+  return shards
+
+
+def iter_chunks(shards: Sequence[Shard], chunk_size: int
+                ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+  """(global offset, arrays of <= chunk_size rows) over all shards, in order.
+
+  A chunk never spans two shards, so at most one shard is being read at any time.
+  """
+  offset = 0
+  for shard in shards:
+    n = len(shard)
+    for start in range(0, n, chunk_size):
+      stop = min(n, start + chunk_size)
+      yield offset + start, shard.read(start, stop)
+    offset += n
+
+
+def _compact(name: str, x: np.ndarray) -> np.ndarray:
+  """Multi-hot fields as uint8 when that loses nothing."""
+  x = np.asarray(x)
+  if name in _MULTI_HOT and x.dtype != np.uint8 and x.size and np.all((x == 0) | (x == 1)):
+    return x.astype(np.uint8)
+  return x
+
+
+def write_shards(ann: Mapping[str, Any], directory: str | os.PathLike, num_shards: int,
+                 prefix: str = "annotations") -> list[str]:
+  """Splits annotations into `num_shards` contiguous .npz files, each written atomically.
+
+  Returns the paths, `<prefix>-00000-of-00010.npz`, ... (sorted = global order).
+  """
+  n = len(np.asarray(ann["s"]))
+  if not 1 <= num_shards <= max(n, 1):
+    raise ValueError(f"num_shards={num_shards} must be in [1, N={n}].")
+  bounds = np.linspace(0, n, num_shards + 1).round().astype(int)
+  paths = []
+  for i in range(num_shards):
+    path = os.path.join(os.fspath(directory), f"{prefix}-{i:05d}-of-{num_shards:05d}.npz")
+    atomic_savez(path, **{k: _compact(k, np.asarray(v)[bounds[i]:bounds[i + 1]])
+                          for k, v in ann.items() if k in FIELDS})
+    paths.append(path)
+  return paths
