@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from siglip_fair.balance import m4, qp, stream
+from siglip_fair.balance import dual, m4, qp, stream
 
 
 def _examples(seed=0, n=64, m=2, c=3, p=2):
@@ -60,8 +60,9 @@ def _consts(ex, pi, eps=0.01, cap=1e3):
   eps_tree = jax.tree.map(lambda x: np.full(x.shape, eps, np.float32),
                           m4.moment_sums(jnp.ones(len(ex.u)), ex.s, ex.y, ex.w))
   consts = m4.Consts(jnp.asarray(pi), jnp.float32(0.9), eps_tree, None, jnp.float32(cap))
-  return consts._replace(precond=m4.jacobi(jax.tree.map(jnp.asarray, ex), consts.pi,
-                                           batch_size=16))
+  layout = dual.make_layout(len(ex.u), m4.default_config())
+  bex, mask = dual.to_blocks(ex, layout)
+  return consts._replace(precond=dual.jacobi(bex, mask, consts.pi, layout=layout))
 
 
 def test_dual_step_is_spec_update_and_ignores_padding():
@@ -71,7 +72,7 @@ def test_dual_step_is_spec_update_and_ignores_padding():
   v = jax.tree.map(lambda x: np.abs(x).astype(np.float32) * 0.3, _tree(rng, ex, (2,)))
   state = m4.DualState(v, jnp.float32(0.05), v, jnp.float32(0.05), jnp.int32(7), jnp.int32(0))
   lr = 0.2
-  new = m4.dual_step(state, jax.tree.map(jnp.asarray, ex), jnp.ones(40), consts, lr,
+  new = dual.dual_step(state, jax.tree.map(jnp.asarray, ex), jnp.ones(40), consts, lr,
                      jnp.bool_(True))
   # Brute force: q, then v ← clip(v + lr·P·(mean(q a) − ε), 0, V) on the materialised a.
   b = _flat_b(ex, pi)
@@ -88,7 +89,7 @@ def test_dual_step_is_spec_update_and_ignores_padding():
     np.testing.assert_allclose(a, b_)
   # The same batch padded with junk rows under mask 0 gives the same step.
   junk = jax.tree.map(lambda x: np.concatenate([x, np.ones_like(x[:9])]), ex)
-  padded = m4.dual_step(state, jax.tree.map(jnp.asarray, junk),
+  padded = dual.dual_step(state, jax.tree.map(jnp.asarray, junk),
                         jnp.concatenate([jnp.ones(40), jnp.zeros(9)]), consts, lr,
                         jnp.bool_(True))
   for a, b_ in zip(jax.tree.leaves(padded), jax.tree.leaves(new)):
@@ -98,7 +99,11 @@ def test_dual_step_is_spec_update_and_ignores_padding():
 def test_curvature_is_largest_eigenvalue_of_scaled_gram():
   _, pi, ex = _examples(n=300, m=3, c=4, p=2)
   consts = _consts(ex, pi)
-  lmax = m4.curvature(jax.tree.map(jnp.asarray, ex), consts, batch_size=64, iters=200)
+  cfg = m4.default_config()
+  cfg.optim.batch_size = 64
+  layout = dual.make_layout(300, cfg)
+  bex, mask = dual.to_blocks(ex, layout)
+  lmax = dual.curvature(bex, mask, consts, layout=layout, iters=200)
   a = np.concatenate([np.ones((300, 1)), _flat_b(ex, pi)], axis=1)
   scale = np.sqrt(np.concatenate([[1.0], qp.flatten(jax.tree.map(np.asarray, consts.precond))]))
   gram = (a * scale).T @ (a * scale) / 300

@@ -1,5 +1,11 @@
 """M4 over shards: layout independence, sampled solves against the exact QP, properties,
 repeat counts, warm starts, shard I/O and one compilation per chunk function."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -40,7 +46,7 @@ def test_ten_shards_equal_one_in_memory_pass(tmp_path, sample_size):
     assert got.card["kept"]["expected"] == pytest.approx(ref.card["kept"]["expected"], abs=1e-6)
     assert got.card["verdict"] == ref.card["verdict"]
   # The streamed card sums are the in-memory reference's (card.card_sums), chunk by chunk.
-  sums = stream.card_pass(shards.as_shards(paths), cfg, 1024, ref.q, ref.keep)
+  sums = stream.card_pass(stream.Plan(shards.as_shards(paths)), cfg, 1024, ref.q, ref.keep)
   expected = cardlib.card_sums(ann, ref.q, ref.keep)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-3), sums,
                expected)
@@ -170,3 +176,58 @@ def test_chunk_functions_compile_once_across_shard_sizes(tmp_path):
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert sum(e == _COMPILE_EVENT for e in compiles) == 0, first
+
+
+def distributed_config():
+  """The config of the device / process tests (a sampled solve, so every pass is exercised)."""
+  cfg = _config(sample_size=3000, chunk_size=700, polish_steps=3)
+  cfg.pi = (0.45, 0.35)
+  cfg.tol = 0.0  # always polish: the polish passes run across processes too
+  return cfg
+
+
+@pytest.mark.parametrize("num_devices", [1, 2, 4])
+def test_solver_result_does_not_depend_on_the_device_count(num_devices):
+  ann, _ = _instance(seed=4, n=7000)
+  cfg = distributed_config()
+  everywhere = stream.balance_stream(ann, cfg, jax.random.key(5))  # 8 fake CPU devices
+  assert everywhere.card["solved_on"] == {"sample": 3000, "n": 7000}
+  fewer = stream.balance_stream(ann, cfg, jax.random.key(5), devices=jax.devices()[:num_devices])
+  np.testing.assert_allclose(fewer.q, everywhere.q, atol=1e-5)
+  assert fewer.card["dual_steps"] == everywhere.card["dual_steps"]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_on_loopback_equal_one_device(tmp_path):
+  ann, _ = _instance(seed=4, n=7000)
+  folder = tmp_path / "shards"
+  shards.write_shards(ann, folder, 5)  # process 0 reads shards 0, 2, 4; process 1 reads 1, 3
+  single = stream.balance_stream(str(folder), distributed_config(), jax.random.key(5),
+                                 devices=jax.devices()[:1])
+  port = _free_port()
+  script = os.path.join(os.path.dirname(__file__), "m4_process.py")
+  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+  procs = [subprocess.Popen([sys.executable, script, str(i), str(port), str(folder),
+                             str(tmp_path / f"out{i}.npz")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]
+  rows, q, keep = [], [], []
+  for i in range(2):
+    with np.load(tmp_path / f"out{i}.npz") as f:
+      rows.append(f["rows"])
+      q.append(f["q"])
+      keep.append(f["keep"])
+      card = json.loads(str(f["card"]))
+    assert card["kept"]["expected"] == pytest.approx(single.card["kept"]["expected"], abs=1e-6)
+    assert card["verdict"] == single.card["verdict"]
+  rows, q, keep = map(np.concatenate, (rows, q, keep))
+  assert np.array_equal(np.sort(rows), np.arange(7000))  # the processes split the rows
+  assert np.abs(q - single.q[rows]).max() <= 1e-5
+  np.testing.assert_array_equal(keep, single.keep[rows])

@@ -167,6 +167,7 @@ def data_card_from_sums(sums: dict, *, pi, eps: dict, duals: dict, config, info:
       dual_steps=dict(stochastic=int(info["stochastic_steps"]), refine=int(info["refine_steps"]),
                       polish=int(info.get("polish_steps", 0))),
       solved_on=dict(sample=int(info.get("sample", n)), n=n),
+      seconds={k: round(float(v), 3) for k, v in info.get("seconds", {}).items()},
       curvature=float(info["curvature"]),
       settings=dict(eta=float(config.eta), eps_rep=float(config.eps_rep),
                     eps_assoc=float(config.eps_assoc), tolerance=str(config.tolerance),

@@ -10,15 +10,17 @@ separates per example, so q = clip(η + u − µ − vᵀa, 0, 1) (`q_from_duals
 materialised: its blocks are outer products, so vᵀa = bᵀλ with λ = v⁺ − v⁻ is a contraction
 over (d, y, w) (`b_dot`), and so is Σ q·b (`moment_sums`); memory is O(batch · m · (c + p)).
 
-The dual is maximised in two phases, both pure functions of (duals, mini-batch):
+The dual is maximised in two phases (dual.py, data-parallel over a device mesh), both pure
+functions of (duals, mini-batch):
   1. projected stochastic ascent, SPEC's update, over shuffled fixed-size padded mini-batches
-     (`dual_step`, run by `lax.scan` in `run_epoch`), with a 1/t step and tail averaging;
+     (`dual.dual_step` under `lax.scan`), with a 1/t step and tail averaging;
   2. refinement: accelerated (FISTA) proximal ascent on exact full-data gradients, each step one
-     sequential pass (`refine`). On N ≤ 20k the stochastic phase alone gets within 1–2 % of
+     sequential pass (`dual.refine`). On N ≤ 20k the stochastic phase alone gets within 1–2 % of
      the optimal objective; 100 exact steps then match the exact QP to ~1e-6.
 Steps are Jacobi-scaled (coordinate j moves by lr / E[a_j²]) and then by 1 / L, where L is the
 largest eigenvalue of the scaled Gram matrix E[ã ãᵀ], ã = [1; b], an upper bound on the dual
-curvature found by power iteration (`curvature`). A last pass sets µ by bisection so E[q] = η.
+curvature found by power iteration (`dual.curvature`). A last pass sets µ by bisection so
+E[q] = η (stream.py, which also runs M4 over shards of any size).
 
 Constraint-shaped values are trees {'rep': [m], 'assoc': [m, c], 'proxy': [m, p]} (c = 0 when
 labels are off, p = 0 when proxies are off); duals v add a leading axis of 2 (upper: b ≤ ε,
@@ -33,7 +35,6 @@ names them.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -76,8 +77,12 @@ def default_config() -> ml_collections.ConfigDict:
   # chunks of chunk_size. polish_steps exact full-data steps follow when the exact certificate of
   # a sampled solve shows a violation (each is one pass).
   c.optim.sample_size = 1 << 18
-  c.optim.chunk_size = 1 << 16
+  c.optim.chunk_size = 1 << 14
   c.optim.polish_steps = 10
+  # The solver's rows are cut into `blocks` blocks; every mini-batch takes the same number of
+  # rows from each, and the blocks are spread over gcd(blocks, devices) devices (dual.py), so
+  # the result does not depend on the device or process count.
+  c.optim.blocks = 8
   c.repeats = False      # also draw integer repeat counts with E[r] = q / η (same-size data).
   return c
 
@@ -118,6 +123,7 @@ class M4Result:
   duals: dict       # {'v': constraint tree, each [2, ...] (upper, lower), 'mu': float}
   card: dict        # JSON-serialisable data card (card.py)
   repeats: np.ndarray | None = None  # int32 [N], E[r] = q / η, when config.repeats
+  rows: np.ndarray | None = None  # global row indices of q / keep / repeats (None: all rows)
 
 
 # ---------------------------------------------------------------------------------- math
@@ -144,7 +150,7 @@ def moment_sums(q, d, y, w) -> dict:
   return dict(rep=jnp.sum(qd, axis=0), assoc=qd.T @ y, proxy=qd.T @ w)
 
 
-def _q(lam, mu, ex: Examples, pi, eta):
+def primal_q(lam, mu, ex: Examples, pi, eta):
   """q [B] for signed duals λ (constraint tree), and d [B, m] for reuse."""
   d = (ex.s - pi) * ex.known
   return jnp.clip(eta + ex.u - mu - b_dot(lam, d, ex.y, ex.w), 0.0, 1.0), d
@@ -156,7 +162,7 @@ def q_from_duals(duals: dict, ex: Examples, pi, eta):
   duals: {'v': constraint tree with leading axis 2, 'mu': []} (as in `M4Result.duals`).
   """
   lam = jax.tree.map(lambda v: v[0] - v[1], duals["v"])
-  return _q(lam, duals["mu"], ex, pi, eta)[0]
+  return primal_q(lam, duals["mu"], ex, pi, eta)[0]
 
 
 def constraint_moments(q, ann: dict, pi) -> dict:
@@ -171,161 +177,6 @@ def constraint_moments(q, ann: dict, pi) -> dict:
   qd = np.asarray(q, np.float64)[:, None] * (s - np.asarray(pi, np.float64)) * known / len(s)
   return dict(rep=qd.sum(0), assoc=qd.T @ np.asarray(ann.get("y", empty), np.float64),
               proxy=qd.T @ np.asarray(ann.get("w", empty), np.float64))
-
-
-# ---------------------------------------------------------------------------- dual ascent
-
-def dual_step(state: DualState, batch: Examples, mask, consts: Consts, lr,
-              average) -> DualState:
-  """One projected stochastic dual-ascent step on a padded mini-batch; pure.
-
-  v ← clip(v + lr·P·(mean(q·a) − ε), 0, V), µ ← µ + lr·(mean(q) − η), P = 1 / E[a²].
-  mask [B]: 1 for real examples, 0 for padding. average (bool []): whether the new iterate
-  joins the running average.
-  """
-  lam = jax.tree.map(lambda v: v[0] - v[1], state.v)
-  q, d = _q(lam, state.mu, batch, consts.pi, consts.eta)
-  q = q * mask
-  n = jnp.maximum(jnp.sum(mask), 1.0)
-
-  def ascend(v, sums, eps, p):
-    g = sums / n
-    return jnp.clip(v + lr * p * jnp.stack([g - eps, -g - eps]), 0.0, consts.cap)
-
-  v = jax.tree.map(ascend, state.v, moment_sums(q, d, batch.y, batch.w), consts.eps,
-                   consts.precond)
-  mu = state.mu + lr * (jnp.sum(q) / n - consts.eta)
-  n_avg = state.n_avg + average.astype(jnp.int32)
-  rate = average / jnp.maximum(n_avg, 1)
-  v_avg = jax.tree.map(lambda a, x: a + rate * (x - a), state.v_avg, v)
-  return DualState(v, mu, v_avg, state.mu_avg + rate * (mu - state.mu_avg), state.step + 1,
-                   n_avg)
-
-
-def _batches(perm, batch_size: int):
-  """Fixed-size padded index batches of a permutation [N]: idx [nb, B], mask [nb, B]."""
-  n = perm.shape[0]
-  nb = -(-n // batch_size)
-  idx = jnp.pad(perm, (0, nb * batch_size - n)).reshape(nb, batch_size)
-  mask = (jnp.arange(nb * batch_size) < n).astype(jnp.float32).reshape(nb, batch_size)
-  return idx, mask
-
-
-def _take(ex: Examples, i) -> Examples:
-  return jax.tree.map(lambda x: x[i], ex)
-
-
-def _sweep(fn, ex: Examples, batch_size: int, init):
-  """Σ over sequential padded mini-batches of fn(batch, mask), a tree shaped like init."""
-  def body(acc, xs):
-    return jax.tree.map(jnp.add, acc, fn(_take(ex, xs[0]), xs[1])), None
-  return jax.lax.scan(body, init, _batches(jnp.arange(ex.u.shape[0]), batch_size))[0]
-
-
-def run_epoch(state: DualState, ex: Examples, consts: Consts, key, lr, decay_steps, avg_start,
-              batch_size: int) -> DualState:
-  """One shuffled pass of `dual_step` (`lax.scan` over padded mini-batches)."""
-  def body(st, xs):
-    lr_t = lr / (1.0 + st.step / decay_steps)
-    return dual_step(st, _take(ex, xs[0]), xs[1], consts, lr_t, st.step >= avg_start), None
-
-  perm = jax.random.permutation(key, ex.u.shape[0])
-  return jax.lax.scan(body, state, _batches(perm, batch_size))[0]
-
-
-@functools.partial(jax.jit, static_argnames=("batch_size", "epochs"))
-def stochastic_ascent(ex: Examples, consts: Consts, key, lr, decay_steps, average_from, v0, mu0,
-                      *, batch_size: int, epochs: int) -> DualState:
-  """The stochastic phase from duals (v0, µ0): `epochs` shuffled passes, tail-averaged."""
-  total = epochs * -(-ex.u.shape[0] // batch_size)
-  avg_start = jnp.minimum(jnp.floor(average_from * total), total - 1).astype(jnp.int32)
-  state = DualState(v0, mu0, v0, mu0, jnp.int32(0), jnp.int32(0))
-  keys = jax.random.split(key, epochs)
-  return jax.lax.fori_loop(0, epochs, lambda e, st: run_epoch(
-      st, ex, consts, keys[e], lr, decay_steps, avg_start, batch_size), state)
-
-
-def _zeros(consts: Consts):
-  return jax.tree.map(jnp.zeros_like, consts.eps), jnp.float32(0)
-
-
-@functools.partial(jax.jit, static_argnames=("batch_size",))
-def jacobi(ex: Examples, pi, *, batch_size: int) -> dict:
-  """P = 1 / E[b_j²] per constraint (a constraint tree), in one pass.
-
-  A constraint with E[b_j²] = 0 has b_j ≡ 0, so its dual cannot move anyway: P_j = 0.
-  """
-  def fn(batch, mask):
-    d = (batch.s - pi) * batch.known
-    return moment_sums(mask, d ** 2, batch.y ** 2, batch.w ** 2)
-  zeros = dict(rep=jnp.zeros(ex.s.shape[1]), assoc=jnp.zeros((ex.s.shape[1], ex.y.shape[1])),
-               proxy=jnp.zeros((ex.s.shape[1], ex.w.shape[1])))
-  second = _sweep(fn, ex, batch_size, zeros)
-  n = ex.u.shape[0]
-  return jax.tree.map(lambda x: jnp.where(x > 0, n / jnp.where(x > 0, x, 1.0), 0.0), second)
-
-
-@functools.partial(jax.jit, static_argnames=("batch_size", "iters"))
-def curvature(ex: Examples, consts: Consts, *, batch_size: int, iters: int):
-  """L = λ_max(P^½ E[ã ãᵀ] P^½), ã = [1; b], by matrix-free power iteration: [].
-
-  Bounds the curvature of the dual in (λ, µ), since clipping q only removes examples from it.
-  """
-  sq = jax.tree.map(jnp.sqrt, consts.precond)
-
-  def gram(x):
-    lam = jax.tree.map(jnp.multiply, sq, x[0])
-    def fn(batch, mask):
-      d = (batch.s - consts.pi) * batch.known
-      r = (x[1] + b_dot(lam, d, batch.y, batch.w)) * mask
-      return moment_sums(r, d, batch.y, batch.w), jnp.sum(r)
-    g, gmu = _sweep(fn, ex, batch_size, _zeros(consts))
-    n = ex.u.shape[0]
-    return jax.tree.map(lambda a, b: a * b / n, sq, g), gmu / n
-
-  norm = lambda x: jnp.sqrt(sum(jnp.sum(leaf ** 2) for leaf in jax.tree.leaves(x)))
-  x = jax.lax.fori_loop(0, iters, lambda _, x: jax.tree.map(lambda a: a / norm(x), gram(x)),
-                        (jax.tree.map(jnp.ones_like, consts.eps), jnp.float32(1)))
-  return norm(gram(x)) / norm(x)
-
-
-def full_gradient(lam, mu, ex: Examples, consts: Consts, batch_size: int):
-  """Exact dual gradient in one pass: (E[q·b] constraint tree, E[q] − η)."""
-  def fn(batch, mask):
-    q, d = _q(lam, mu, batch, consts.pi, consts.eta)
-    return moment_sums(q * mask, d, batch.y, batch.w), jnp.sum(q * mask)
-  sums, total = _sweep(fn, ex, batch_size, _zeros(consts))
-  n = ex.u.shape[0]
-  return jax.tree.map(lambda x: x / n, sums), total / n - consts.eta
-
-
-@functools.partial(jax.jit, static_argnames=("batch_size", "steps"))
-def refine(lam, mu, ex: Examples, consts: Consts, lr, *, batch_size: int, steps: int):
-  """FISTA with gradient restart on the dual in (λ = v⁺ − v⁻, µ); returns (λ, µ).
-
-  In λ the two one-sided constraints become one term −ε|λ| whose proximal map is a soft
-  threshold, so each step is ascent, shrink by lr·P·ε, clip to [−V, V].
-  """
-  def prox_ascent(x):
-    gl, gmu = full_gradient(x[0], x[1], ex, consts, batch_size)
-    def prox(lam, g, eps, p):
-      z = lam + lr * p * g
-      z = jnp.sign(z) * jnp.maximum(jnp.abs(z) - lr * p * eps, 0.0)
-      return jnp.clip(z, -consts.cap, consts.cap)
-    return jax.tree.map(prox, x[0], gl, consts.eps, consts.precond), x[1] + lr * gmu
-
-  def body(_, carry):
-    x, x_prev, t = carry
-    t_next = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
-    y = jax.tree.map(lambda a, b: a + (t - 1.0) / t_next * (a - b), x, x_prev)
-    x_new = prox_ascent(y)
-    # Restart the momentum when the step it produced points back (O'Donoghue & Candès).
-    back = sum(jnp.vdot(xn - yy, xn - xx) for xn, yy, xx in
-               zip(jax.tree.leaves(x_new), jax.tree.leaves(y), jax.tree.leaves(x)))
-    return x_new, x, jnp.where(back < 0, 1.0, t_next)
-
-  x, _, _ = jax.lax.fori_loop(0, steps, body, ((lam, mu), (lam, mu), jnp.float32(1)))
-  return x
 
 
 # --------------------------------------------------------------------------------- set-up
@@ -387,7 +238,7 @@ def check_config(config) -> None:
   if not o.steps >= 0:
     raise ValueError(f"config.optim.steps must be >= 0 (0: no stochastic phase, e.g. when "
                      f"warm-starting), got {o.steps}.")
-  for name in ("batch_size", "power_iters", "sample_size", "chunk_size"):
+  for name in ("batch_size", "power_iters", "sample_size", "chunk_size", "blocks"):
     if not o[name] >= 1:
       raise ValueError(f"config.optim.{name} must be >= 1, got {o[name]}.")
   if not (o.lr > 0 and o.decay_steps > 0 and o.refine_steps >= 0 and o.polish_steps >= 0
@@ -428,44 +279,6 @@ def tolerances(config, totals: dict) -> dict:
 
   return dict(rep=np.full((m,), config.eps_rep, np.float32), assoc=assoc(totals["y"]),
               proxy=assoc(totals["w"]))
-
-
-def solve(ex: Examples, pi, eps: dict, config, init: dict | None = None):
-  """Both ascent phases on in-memory Examples (a sample of the data, or all of it).
-
-  init: optional warm start {'v': constraint tree [2, ...], 'mu': float} (M4Result.duals).
-  Returns (λ signed duals as a numpy constraint tree, µ, consts, unit step 1 / L, info).
-  """
-  o = config.optim
-  n = ex.u.shape[0]
-  b = min(o.batch_size, n)
-  ex = jax.tree.map(jnp.asarray, ex)
-  consts = Consts(jnp.asarray(pi), jnp.float32(config.eta), jax.tree.map(jnp.asarray, eps),
-                  None, jnp.float32(config.V))
-  consts = consts._replace(precond=jacobi(ex, consts.pi, batch_size=b))
-  lipschitz = curvature(ex, consts, batch_size=b, iters=o.power_iters)
-  # Power iteration approaches λ_max from below; the margin keeps steps under 1 / L.
-  unit = 1.0 / (1.1 * lipschitz)
-  if init is None:
-    v0 = jax.tree.map(lambda e: jnp.zeros((2,) + e.shape, jnp.float32), consts.eps)
-    mu0 = jnp.float32(0)
-  else:
-    v0 = jax.tree.map(lambda e, v: jnp.asarray(v, jnp.float32).reshape((2,) + e.shape),
-                      consts.eps, init["v"])
-    mu0 = jnp.float32(init["mu"])
-
-  epochs = -(-o.steps // -(-n // b))
-  lam, mu, taken = jax.tree.map(lambda v: v[0] - v[1], v0), mu0, 0
-  if epochs:
-    state = stochastic_ascent(ex, consts, jax.random.key(config.seed), o.lr * unit,
-                              jnp.float32(o.decay_steps), jnp.float32(o.average_from), v0, mu0,
-                              batch_size=b, epochs=epochs)
-    lam, mu, taken = jax.tree.map(lambda v: v[0] - v[1], state.v_avg), state.mu_avg, state.step
-  if o.refine_steps:
-    lam, mu = refine(lam, mu, ex, consts, unit, batch_size=b, steps=o.refine_steps)
-  info = dict(stochastic_steps=int(taken), epochs=epochs, refine_steps=o.refine_steps,
-              curvature=float(lipschitz))
-  return jax.tree.map(np.asarray, lam), float(mu), consts, float(unit), info
 
 
 def balance(ann: dict, config, key: jax.Array, *, names: dict | None = None) -> M4Result:

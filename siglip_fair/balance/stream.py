@@ -17,8 +17,7 @@ data into a different number of shards gives the same result up to float reducti
 """
 from __future__ import annotations
 
-import functools
-from typing import Any
+import time
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +25,7 @@ import numpy as np
 import tqdm
 
 from siglip_fair.balance import card as cardlib
-from siglip_fair.balance import m4
+from siglip_fair.balance import dual, m4
 from siglip_fair.balance.shards import as_shards, iter_chunks
 
 _BLOCK = 1 << 16  # keep / repeat draws: one PRNG key per block of global row indices
@@ -87,18 +86,29 @@ def _f32(ex: m4.Examples) -> m4.Examples:
 
 @jax.jit
 def _totals(ex: m4.Examples, mask):
-  """Chunk sums for targets / tolerances and value checks (min, max, non-finite count)."""
-  f = _f32(ex)
-  mk = f.known * mask[:, None]
-  sums = dict(n=mask.sum(), known=mk.sum(0), s_known=(f.s * mk).sum(0),
-              y=mask @ f.y, w=mask @ f.w)
+  """Chunk sums for targets / tolerances, and value checks (min, max, non-finite count).
+
+  Padding rows are zeros, so column sums need no mask; integer fields (multi-hot uint8) are
+  checked in their own dtype, which saves a float copy of the widest arrays.
+  """
+  s = ex.s.astype(jnp.float32)
+  known = jnp.broadcast_to(ex.known.astype(jnp.float32), s.shape)
+  colsum = lambda x: jnp.sum(x, axis=0, dtype=jnp.float32)
+  sums = dict(n=mask.sum(), known=colsum(known), s_known=colsum(s * known), y=colsum(ex.y),
+              w=colsum(ex.w))
   checks = {}
-  for name, x in zip(m4.Examples._fields, f):
+  valid = mask > 0
+  for name, x in zip(m4.Examples._fields, ex):
     x = x.reshape(x.shape[0], -1)
-    valid = mask[:, None] > 0
-    checks[name] = (jnp.min(jnp.where(valid, x, jnp.inf), initial=jnp.inf),
-                    jnp.max(jnp.where(valid, x, -jnp.inf), initial=-jnp.inf),
-                    jnp.sum(valid & ~jnp.isfinite(x)))
+    if jnp.issubdtype(x.dtype, jnp.integer):
+      lo = jnp.min(x, initial=0) if jnp.issubdtype(x.dtype, jnp.signedinteger) else 0
+      checks[name] = (jnp.asarray(lo, jnp.float32), jnp.max(x, initial=0).astype(jnp.float32),
+                      jnp.int32(0))
+    else:
+      v = valid[:, None]
+      checks[name] = (jnp.min(jnp.where(v, x, jnp.inf), initial=jnp.inf),
+                      jnp.max(jnp.where(v, x, -jnp.inf), initial=-jnp.inf),
+                      jnp.sum(v & ~jnp.isfinite(x)))
   return sums, checks
 
 
@@ -110,16 +120,60 @@ def _check(name, lo, hi, bad, where):
                      f"[{lo}, {hi}] ({where}).")
 
 
-def _walk(shards, chunk, config, desc, progress):
-  """(global offset, number of rows, padded Examples, mask) over all shards."""
-  bar = tqdm.tqdm(total=sum(len(s) for s in shards), desc=desc, unit="ex", unit_scale=True,
+class Plan:
+  """Which shards this process reads: shard i belongs to process i % P, and each shard's
+  global row offset comes from every shard's length (headers only), so every process numbers
+  rows the same way."""
+
+  def __init__(self, shards):
+    self.shards = list(shards)
+    lengths = [len(s) for s in self.shards]
+    self.n = int(sum(lengths))
+    self.offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    p, count = jax.process_index(), jax.process_count()
+    if len(self.shards) < count:
+      raise ValueError(f"{len(self.shards)} annotation shard(s) for {count} processes: every "
+                       "process reads whole shards, so write at least one per process.")
+    self.local = [i for i in range(len(self.shards)) if i % count == p]
+    self.everything = count == 1
+
+  def rows(self) -> np.ndarray | None:
+    """Global indices of this process's rows, in its reading order (None: all rows)."""
+    if self.everything:
+      return None
+    return np.concatenate([np.arange(self.offsets[i], self.offsets[i] + len(self.shards[i]))
+                           for i in self.local] or [np.zeros(0, np.int64)])
+
+
+def _walk(plan: Plan, chunk, config, desc, progress):
+  """(global offset, local offset, rows, padded Examples, mask) over this process's shards."""
+  total = sum(len(plan.shards[i]) for i in plan.local)
+  bar = tqdm.tqdm(total=total, desc=desc, unit="ex", unit_scale=True,
                   disable=not progress, dynamic_ncols=True)
+  local = 0
   with bar:
-    for offset, arrays in iter_chunks(shards, chunk):
-      rows = len(arrays["s"])
-      ex, mask = _pad(arrays, chunk, config)
-      yield offset, rows, ex, mask
-      bar.update(rows)
+    for i in plan.local:
+      for offset, arrays in iter_chunks([plan.shards[i]], chunk):
+        rows = len(arrays["s"])
+        ex, mask = _pad(arrays, chunk, config)
+        yield int(plan.offsets[i]) + offset, local, rows, ex, mask
+        local += rows
+        bar.update(rows)
+
+
+def _allsum(tree):
+  """Σ over processes of a tree of float64 numpy arrays (identity for one process).
+
+  Sent as float32 hi + lo parts, since collectives run in float32 without jax_enable_x64;
+  the sum keeps ~48 bits."""
+  if jax.process_count() == 1:
+    return tree
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  hi = jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
+  lo = jax.tree.map(lambda x, h: np.asarray(np.asarray(x, np.float64) - h, np.float32), tree, hi)
+  gathered = multihost_utils.process_allgather((hi, lo))
+  return jax.tree.map(lambda h, l: h.astype(np.float64).sum(0) + l.astype(np.float64).sum(0),
+                      *gathered)
 
 
 def _add(acc, x):
@@ -127,12 +181,13 @@ def _add(acc, x):
   return x if acc is None else jax.tree.map(np.add, acc, x)
 
 
-def totals_pass(shards, config, chunk, idx, progress=False):
-  """Pass 1: float64 totals and the sample rows (numpy Examples, float32)."""
-  acc, parts, shard_ends = None, [], np.cumsum([len(s) for s in shards])
-  for offset, rows, ex, mask in _walk(shards, chunk, config, "M4 totals", progress):
+def totals_pass(plan: Plan, config, chunk, idx, progress=False):
+  """Pass 1: float64 totals and the sample rows (numpy Examples, float32), both over all
+  processes (each process reads its shards; sample rows are gathered in global order)."""
+  acc, parts, index = None, [], []
+  for offset, _, rows, ex, mask in _walk(plan, chunk, config, "M4 totals", progress):
     sums, checks = jax.device_get(_totals(ex, mask))
-    shard = int(np.searchsorted(shard_ends, offset, side="right"))
+    shard = int(np.searchsorted(plan.offsets, offset, side="right")) - 1
     for name, (lo, hi, bad) in checks.items():
       _check(name, float(lo), float(hi), int(bad), f"shard {shard}, rows from {offset}")
     acc = _add(acc, sums)
@@ -140,10 +195,26 @@ def totals_pass(shards, config, chunk, idx, progress=False):
             idx[np.searchsorted(idx, offset):np.searchsorted(idx, offset + rows)] - offset)
     parts.append(jax.tree.map(lambda x: np.asarray(x[take], np.float32),
                               solver_view(ex, config)))
+    index.append(offset + take)
   sample = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
   m = sample.s.shape[1]
   sample = sample._replace(known=np.broadcast_to(sample.known, (len(sample.s), m)).copy())
-  return acc, sample
+  return _allsum(acc), _gather_rows(sample, np.concatenate(index))
+
+
+def _gather_rows(sample: m4.Examples, index) -> m4.Examples:
+  """Every process's sample rows, sorted by global index (identity for one process)."""
+  if jax.process_count() == 1:
+    return sample
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  counts = multihost_utils.process_allgather(np.int32(len(index)))
+  size = int(np.max(counts))
+  pad = lambda x: np.pad(x, [(0, size - len(x))] + [(0, 0)] * (x.ndim - 1))
+  rows, ids = multihost_utils.process_allgather((jax.tree.map(pad, sample), pad(index)))
+  keep = np.concatenate([np.arange(c) + i * size for i, c in enumerate(counts)])
+  flat = lambda x: x.reshape((-1,) + x.shape[2:])[keep]
+  order = np.argsort(flat(ids), kind="stable")
+  return jax.tree.map(lambda x: flat(x)[order], rows)
 
 
 @jax.jit
@@ -170,35 +241,65 @@ def budget_shift(z, eta):
   return jnp.clip(z - mu, 0.0, 1.0), mu
 
 
-def margins_pass(shards, config, chunk, lam, pi, progress=False) -> np.ndarray:
+def margins_pass(plan: Plan, config, chunk, lam, pi, progress=False) -> np.ndarray:
+  """η + u − bᵀλ of this process's rows [n_local]."""
   lam = jax.tree.map(jnp.asarray, lam)
   out = []
-  for _, rows, ex, _ in _walk(shards, chunk, config, "M4 margins", progress):
+  for _, _, rows, ex, _ in _walk(plan, chunk, config, "M4 margins", progress):
     out.append(np.asarray(_margins(lam, solver_view(ex, config), pi,
                                    jnp.float32(config.eta)))[:rows])
   return np.concatenate(out)
 
 
-def _blocked_uniforms(key, n):
-  """U(0, 1) [n]: row i from block i // 2^16 of its own folded key, so any shard layout draws
-  the same number for the same row."""
-  nb = -(-n // _BLOCK)
-  u = jax.vmap(lambda b: jax.random.uniform(jax.random.fold_in(key, b), (_BLOCK,)))(
-      jnp.arange(nb, dtype=jnp.uint32))
-  return u.reshape(-1)[:n]
+@jax.jit
+def _clipped_sum(z, mu):
+  return jnp.sum(jnp.clip(z - mu, 0.0, 1.0))
 
 
-def keep_mask(q, key: jax.Array) -> np.ndarray:
-  """Independent Bernoulli(q_i) draws: bool [N]; the same key gives the same mask."""
-  q = jnp.asarray(q, jnp.float32)
-  return np.asarray(_blocked_uniforms(key, q.shape[0]) < q)
+def budget_shift_distributed(z_local, eta: float, n: int):
+  """`budget_shift` when each process holds some of the margins: the same bisection, with
+  one cross-process sum per halving. Returns (q_local, µ)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  z = jnp.asarray(z_local)
+  lows, highs = multihost_utils.process_allgather(
+      (jnp.min(z, initial=np.inf), jnp.max(z, initial=-np.inf)))
+  lo, hi = float(np.min(lows)) - 1.0, float(np.max(highs))
+  for _ in range(64):  # as budget_shift: E[q](µ) is continuous and non-increasing
+    mid = 0.5 * (lo + hi)
+    above = _allsum(np.float64(_clipped_sum(z, jnp.float32(mid)))) / n > eta
+    lo, hi = (mid, hi) if above else (lo, mid)
+  mu = np.float32(0.5 * (lo + hi))
+  return np.asarray(jnp.clip(z - mu, 0.0, 1.0)), float(mu)
 
 
-def repeat_counts(q, eta: float, key: jax.Array) -> np.ndarray:
+@jax.jit
+def _block_uniforms(key, block):
+  return jax.random.uniform(jax.random.fold_in(key, block), (_BLOCK,))
+
+
+def uniforms(key: jax.Array, start: int, n: int) -> np.ndarray:
+  """U(0, 1) float32 [n] for global rows [start, start + n): row i is entry i mod 2^16 of the
+  draw from key folded with i // 2^16, so any shard layout or process split draws the same
+  number for the same row."""
+  if n == 0:
+    return np.zeros(0, np.float32)
+  first, last = start // _BLOCK, (start + n - 1) // _BLOCK
+  u = np.concatenate([np.asarray(_block_uniforms(key, np.uint32(b)))
+                      for b in range(first, last + 1)])
+  return u[start - first * _BLOCK:start - first * _BLOCK + n]
+
+
+def keep_mask(q, key: jax.Array, start: int = 0) -> np.ndarray:
+  """Independent Bernoulli(q_i) draws for rows start.. of q: bool [N]; same key, same mask."""
+  q = np.asarray(q, np.float32)
+  return uniforms(key, start, q.shape[0]) < q
+
+
+def repeat_counts(q, eta: float, key: jax.Array, start: int = 0) -> np.ndarray:
   """Integer copies per row with E[r_i] = q_i / η, so E[Σ r] = N: a balanced dataset the size of
   the baseline (the paper repeats kept examples). int32 [N], stochastic rounding."""
   x = np.asarray(q, np.float64) / eta
-  u = np.asarray(_blocked_uniforms(jax.random.fold_in(key, 1), x.shape[0]))
+  u = uniforms(jax.random.fold_in(key, 1), start, x.shape[0])
   return (np.floor(x) + (u < x - np.floor(x))).astype(np.int32)
 
 
@@ -218,24 +319,27 @@ def _card_sums(ex: m4.Examples, q, keep, mask):
   return out
 
 
-def card_pass(shards, config, chunk, q, keep, progress=False) -> dict:
-  """Pass 3: the data card's float64 sums (`card.data_card_from_sums`)."""
+def card_pass(plan: Plan, config, chunk, q, keep, progress=False) -> dict:
+  """Pass 3: the data card's float64 sums (`card.card_sums`) over all processes' rows.
+
+  q, keep: this process's rows, in its reading order."""
   acc = None
-  for offset, rows, ex, mask in _walk(shards, chunk, config, "M4 card", progress):
-    pad = lambda x: np.pad(np.asarray(x[offset:offset + rows], np.float32), (0, chunk - rows))
+  for _, local, rows, ex, mask in _walk(plan, chunk, config, "M4 card", progress):
+    pad = lambda x: np.pad(np.asarray(x[local:local + rows], np.float32), (0, chunk - rows))
     acc = _add(acc, _card_sums(ex, pad(q), pad(keep), mask))
-  return acc
+  return _allsum(acc)
 
 
-def _exact_gradient(shards, config, chunk, lam, mu, pi):
-  """Full-data dual gradient (E[q·b], E[q] − η) in one pass."""
-  grad_fn = _grad_sums
+def _exact_gradient(plan: Plan, config, chunk, lam, mu, pi):
+  """Full-data dual gradient (E[q·b], E[q] − η) in one pass (all processes)."""
   acc = None
-  for _, _, ex, mask in _walk(shards, chunk, config, "M4 polish", False):
-    acc = _add(acc, grad_fn(lam, mu, solver_view(ex, config), mask, pi,
-                            jnp.float32(config.eta)))
+  for _, _, _, ex, mask in _walk(plan, chunk, config, "M4 polish", False):
+    acc = _add(acc, _grad_sums(lam, mu, solver_view(ex, config), mask, pi,
+                               jnp.float32(config.eta)))
+  acc = _allsum(acc)
   n = acc["n"]
-  return jax.tree.map(lambda x: x / n, acc["b"]), acc["q"] / n - config.eta
+  return (jax.tree.map(lambda x: jnp.asarray(x / n, jnp.float32), acc["b"]),
+          jnp.float32(acc["q"] / n - config.eta))
 
 
 @jax.jit
@@ -246,68 +350,98 @@ def _grad_sums(lam, mu, ex, mask, pi, eta):
   return dict(b=m4.moment_sums(q, d, f.y, f.w), q=q.sum(), n=mask.sum())
 
 
-def polish(shards, config, chunk, lam, mu, consts: m4.Consts, unit, steps: int):
-  """`steps` FISTA steps (as `m4.refine`) with exact full-data gradients, one pass each."""
-  x = x_prev = (jax.tree.map(np.asarray, lam), float(mu))
-  t = 1.0
-  for _ in range(steps):
-    t_next = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t * t))
-    y = jax.tree.map(lambda a, b: a + (t - 1.0) / t_next * (a - b), x, x_prev)
-    gl, gmu = _exact_gradient(shards, config, chunk, y[0], y[1], consts.pi)
-
-    def prox(lam, g, eps, p):
-      z = lam + unit * np.asarray(p) * g
-      z = np.sign(z) * np.maximum(np.abs(z) - unit * np.asarray(p) * np.asarray(eps), 0.0)
-      return np.clip(z, -config.V, config.V)
-
-    x_new = (jax.tree.map(prox, y[0], gl, consts.eps, consts.precond), y[1] + unit * gmu)
-    back = sum(np.vdot(a - b, a - c) for a, b, c in zip(
-        jax.tree.leaves(x_new), jax.tree.leaves(y), jax.tree.leaves(x)))
-    x_prev, x, t = x, x_new, (1.0 if back < 0 else t_next)
-  return x
+def polish(plan: Plan, config, chunk, lam, mu, consts: m4.Consts, unit, steps: int):
+  """`steps` FISTA steps (as `dual.refine`) with exact full-data gradients, one pass each."""
+  grad = lambda lam, mu: _exact_gradient(plan, config, chunk, lam, mu, consts.pi)
+  lam = jax.tree.map(jnp.asarray, lam)
+  return dual.fista(grad, lam, jnp.float32(mu), consts, unit, steps, traced=False)
 
 
 def balance_stream(source, config, key: jax.Array, *, names: dict | None = None,
-                   init: dict | None = None, progress: bool = False) -> m4.M4Result:
+                   init: dict | None = None, progress: bool = False,
+                   devices=None) -> m4.M4Result:
   """M4 over annotation shards: keep probabilities, keep mask (and repeat counts), duals, card.
 
   source: anything `shards.as_shards` takes (an annotation dict, .npz paths, a directory of
   shards, record sources). init: duals of an earlier run ({'v', 'mu'} as in M4Result.duals)
-  to warm-start from. Other arguments as `m4.balance`.
+  to warm-start from. devices: the solver's devices (default all, over every process).
+  Other arguments as `m4.balance`.
+
+  With several processes (`jax.distributed`), call it on every process with the same
+  arguments: process p reads shards p, p + P, ...; the duals and the card are global and
+  identical everywhere, while q / keep / repeats hold this process's rows, whose global
+  indices are `result.rows`.
   """
   m4.check_config(config)
-  shards = as_shards(source)
-  n = sum(len(s) for s in shards)
+  plan = Plan(as_shards(source))
+  n = plan.n
   if n == 0:
     raise ValueError("the annotation shards hold no examples.")
   o = config.optim
   chunk = int(min(o.chunk_size, n))
   idx = sample_indices(n, o.sample_size, config.seed)
-  totals, sample = totals_pass(shards, config, chunk, idx, progress)
+  clock = [time.perf_counter()]
+  seconds = {}
+
+  def lap(name):
+    now = time.perf_counter()
+    seconds[name] = seconds.get(name, 0.0) + now - clock[0]
+    clock[0] = now
+
+  totals, sample = totals_pass(plan, config, chunk, idx, progress)
+  lap("totals")
   pi = m4.targets(config, totals)
   eps = m4.tolerances(config, dict(totals, y=totals["y"][:sample.y.shape[1]],
                                    w=totals["w"][:sample.w.shape[1]]))
-  lam, mu, consts, unit, info = m4.solve(sample, pi, eps, config, init=init)
+  lam, mu, consts, unit, info = dual.solve(sample, pi, eps, config, init=init, devices=devices)
+  lap("solve")
+  rows = plan.rows()
+
+  def draws(q):
+    if rows is None:
+      return keep_mask(q, key)
+    return np.concatenate([keep_mask(q[a:b], key, int(plan.offsets[i])) for i, a, b in
+                           _local_spans(plan)])
 
   def certify(lam):
-    z = margins_pass(shards, config, chunk, lam, pi, progress)
-    q, mu = budget_shift(jnp.asarray(z), jnp.float32(config.eta))
-    q = np.asarray(q)
-    keep = keep_mask(q, key)
-    sums = card_pass(shards, config, chunk, q, keep, progress)
-    return q, float(mu), keep, sums
+    z = margins_pass(plan, config, chunk, lam, pi, progress)
+    if plan.everything:
+      q, mu = budget_shift(jnp.asarray(z), jnp.float32(config.eta))
+      q, mu = np.asarray(q), float(mu)
+    else:
+      q, mu = budget_shift_distributed(z, config.eta, n)
+    keep = draws(q)
+    lap("margins")
+    sums = card_pass(plan, config, chunk, q, keep, progress)
+    lap("card")
+    return q, mu, keep, sums
 
   q, mu, keep, sums = certify(lam)
   info.update(sample=int(len(sample.s)), n=n, polish_steps=0)
   if idx is not None and o.polish_steps and cardlib.worst_residual(
       sums, pi, eps, config) > config.tol:
-    lam, mu = polish(shards, config, chunk, lam, mu, consts, unit, o.polish_steps)
+    lam, mu = polish(plan, config, chunk, lam, mu, consts, unit, o.polish_steps)
+    lap("polish")
     q, mu, keep, sums = certify(lam)
     info["polish_steps"] = int(o.polish_steps)
+  info["seconds"] = seconds
   v = jax.tree.map(lambda x: np.stack([np.maximum(x, 0), np.maximum(-x, 0)]).astype(np.float32),
                    jax.tree.map(np.asarray, lam))
-  duals = dict(v=v, mu=mu)
+  duals = dict(v=v, mu=float(mu))
   card = cardlib.data_card_from_sums(sums, pi=pi, eps=eps, duals=duals, config=config,
                                      info=info, names=names)
-  repeats = repeat_counts(q, config.eta, key) if config.get("repeats", False) else None
-  return m4.M4Result(q=q, keep=keep, duals=duals, card=card, repeats=repeats)
+  repeats = None
+  if config.get("repeats", False):
+    repeats = (repeat_counts(q, config.eta, key) if rows is None else np.concatenate(
+        [repeat_counts(q[a:b], config.eta, key, int(plan.offsets[i]))
+         for i, a, b in _local_spans(plan)]))
+  return m4.M4Result(q=q, keep=keep, duals=duals, card=card, repeats=repeats, rows=rows)
+
+
+def _local_spans(plan: Plan):
+  """(shard id, start, stop) of each local shard within this process's concatenated rows."""
+  spans, start = [], 0
+  for i in plan.local:
+    spans.append((i, start, start + len(plan.shards[i])))
+    start += len(plan.shards[i])
+  return spans

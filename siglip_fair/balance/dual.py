@@ -1,0 +1,312 @@
+"""The dual ascent of M4, data-parallel over a device mesh (`jax.shard_map`).
+
+The rows M4 solves on (all of the data, or a sample of it, see stream.py) are cut into
+`optim.blocks` contiguous blocks, each padded to the same length. Block k lives on device
+k // (blocks / D) of a 1-D mesh of D devices (D = gcd(blocks, devices); processes contribute
+equally). A mini-batch is `ceil(batch_size / blocks)` rows from every block, so:
+  * each device computes moment sums on its own rows and one `psum` per step gives the
+    global mean (the SPEC update), and a full pass is a local scan plus one `psum`;
+  * the batches do not depend on D: 1, 2, 4 or 8 devices (or processes) follow the same
+    trajectory, and results agree up to float reduction order.
+Phases (all pure): Jacobi preconditioner P = 1 / E[b²] (one pass), curvature L by power
+iteration, stochastic projected ascent with per-block shuffles and tail averaging, then FISTA
+refinement on exact gradients. See m4.py for the math and notation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from siglip_fair.balance.m4 import Consts, DualState, Examples, b_dot, moment_sums, primal_q
+
+AXIS = "data"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How the solver's rows sit on the mesh (hashable: a static argument of the jitted phases)."""
+  mesh: jax.sharding.Mesh
+  blocks: int  # V
+  rows: int    # padded rows per block (a multiple of batch)
+  batch: int   # rows per block per step
+  n: int       # real rows
+
+  @property
+  def steps(self) -> int:
+    return self.rows // self.batch
+
+
+def make_layout(n: int, config, devices=None) -> Layout:
+  """The block layout for n rows under config.optim (blocks, batch_size) on `devices`."""
+  o = config.optim
+  blocks = int(o.blocks)
+  devices = list(devices if devices is not None else jax.devices())
+  num = math.gcd(blocks, len(devices))
+  procs = sorted({d.process_index for d in devices})
+  if num % len(procs):
+    raise ValueError(f"M4 uses gcd(optim.blocks={blocks}, {len(devices)} devices) = {num} "
+                     f"devices, which {len(procs)} processes cannot share equally; make "
+                     "optim.blocks a multiple of the device count.")
+  per = num // len(procs)
+  chosen = [d for p in procs for d in [x for x in devices if x.process_index == p][:per]]
+  mesh = jax.make_mesh((num,), (AXIS,), axis_types=(AxisType.Auto,), devices=chosen)
+  batch = max(1, -(-min(o.batch_size, n) // blocks))
+  per_block = -(-n // blocks)
+  rows = -(-per_block // batch) * batch
+  return Layout(mesh, blocks, rows, batch, n)
+
+
+def to_blocks(ex: Examples, layout: Layout) -> tuple[Examples, jax.Array]:
+  """Host Examples [n, ...] -> global arrays [V, rows, ...] sharded over the mesh, and mask.
+
+  Every process passes the same host rows; each device receives only its blocks.
+  """
+  n, v, rows = layout.n, layout.blocks, layout.rows
+  per_block = -(-n // v)
+  index = np.arange(v)[:, None] * per_block + np.arange(rows)[None, :]
+  real = (np.arange(rows)[None, :] < per_block) & (index < n)
+  index = np.where(real, index, 0)
+  sharding = NamedSharding(layout.mesh, P(AXIS))
+
+  def place(x):
+    host = np.where(real.reshape(real.shape + (1,) * (x.ndim - 1)), x[index], 0)
+    host = host.astype(np.float32)
+    return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
+
+  return jax.tree.map(place, ex), place(np.ones(n, np.float32))
+
+
+def _flat(x):  # [blocks, rows, ...] -> [blocks * rows, ...] (explicit: -1 fails on 0-width)
+  return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def _varying(tree):
+  return jax.tree.map(lambda x: jax.lax.pcast(x, AXIS, to="varying"), tree)
+
+
+def _sweep(fn, ex: Examples, mask, batch: int, init):
+  """Σ over every local row of fn(batch, mask) (sequential mini-batches), then one psum."""
+  steps = mask.shape[1] // batch
+
+  def body(acc, t):
+    take = lambda x: _flat(jax.lax.dynamic_slice_in_dim(x, t * batch, batch, axis=1))
+    return jax.tree.map(jnp.add, acc, fn(jax.tree.map(take, ex), take(mask))), None
+
+  acc = jax.lax.scan(body, _varying(init), jnp.arange(steps))[0]
+  return jax.lax.psum(acc, AXIS)
+
+
+def _zeros(consts: Consts):
+  return jax.tree.map(jnp.zeros_like, consts.eps), jnp.float32(0)
+
+
+def _spec(tree, spec):
+  return jax.tree.map(lambda _: spec, tree)
+
+
+def _run(layout: Layout, fn, sharded, replicated):
+  """shard_map fn(sharded..., replicated...) with sharded args split over blocks."""
+  specs = tuple(_spec(a, P(AXIS)) for a in sharded) + tuple(_spec(a, P()) for a in replicated)
+  return jax.shard_map(fn, mesh=layout.mesh, in_specs=specs, out_specs=P())(*sharded,
+                                                                              *replicated)
+
+
+def dual_step(state: DualState, batch: Examples, mask, consts: Consts, lr, average,
+              axis_name: str | None = None) -> DualState:
+  """One projected stochastic dual-ascent step on a padded mini-batch; pure.
+
+  v ← clip(v + lr·P·(mean(q·a) − ε), 0, V), µ ← µ + lr·(mean(q) − η), P = 1 / E[a²].
+  mask [B]: 1 for real examples, 0 for padding. average (bool []): whether the new iterate
+  joins the running average. axis_name: sum the batch over this mesh axis (one psum).
+  """
+  lam = jax.tree.map(lambda v: v[0] - v[1], state.v)
+  q, d = primal_q(lam, state.mu, batch, consts.pi, consts.eta)
+  q = q * mask
+  sums = (moment_sums(q, d, batch.y, batch.w), jnp.sum(q), jnp.sum(mask))
+  if axis_name is not None:
+    sums = jax.lax.psum(sums, axis_name)
+  moments, total, count = sums
+  n = jnp.maximum(count, 1.0)
+
+  def ascend(v, s, eps, p):
+    g = s / n
+    return jnp.clip(v + lr * p * jnp.stack([g - eps, -g - eps]), 0.0, consts.cap)
+
+  v = jax.tree.map(ascend, state.v, moments, consts.eps, consts.precond)
+  mu = state.mu + lr * (total / n - consts.eta)
+  n_avg = state.n_avg + average.astype(jnp.int32)
+  rate = average / jnp.maximum(n_avg, 1)
+  v_avg = jax.tree.map(lambda a, x: a + rate * (x - a), state.v_avg, v)
+  return DualState(v, mu, v_avg, state.mu_avg + rate * (mu - state.mu_avg), state.step + 1,
+                   n_avg)
+
+
+@functools.partial(jax.jit, static_argnames=("layout",))
+def jacobi(ex: Examples, mask, pi, *, layout: Layout) -> dict:
+  """P = 1 / E[b_j²] per constraint (a constraint tree), in one pass.
+
+  A constraint with E[b_j²] = 0 has b_j ≡ 0, so its dual cannot move anyway: P_j = 0.
+  """
+  def local(ex, mask, pi):
+    def fn(batch, m):
+      d = (batch.s - pi) * batch.known
+      return moment_sums(m, d ** 2, batch.y ** 2, batch.w ** 2)
+    m, c, p = ex.s.shape[-1], ex.y.shape[-1], ex.w.shape[-1]
+    zeros = dict(rep=jnp.zeros(m), assoc=jnp.zeros((m, c)), proxy=jnp.zeros((m, p)))
+    second = _sweep(fn, ex, mask, layout.batch, zeros)
+    return jax.tree.map(lambda x: jnp.where(x > 0, layout.n / jnp.where(x > 0, x, 1.0), 0.0),
+                        second)
+  return _run(layout, local, (ex, mask), (pi,))
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "iters"))
+def curvature(ex: Examples, mask, consts: Consts, *, layout: Layout, iters: int):
+  """L = λ_max(P^½ E[ã ãᵀ] P^½), ã = [1; b], by matrix-free power iteration: [].
+
+  Bounds the curvature of the dual in (λ, µ), since clipping q only removes examples from it.
+  """
+  def local(ex, mask, consts):
+    sq = jax.tree.map(jnp.sqrt, consts.precond)
+
+    def gram(x):
+      lam = jax.tree.map(jnp.multiply, sq, x[0])
+      def fn(batch, m):
+        d = (batch.s - consts.pi) * batch.known
+        r = (x[1] + b_dot(lam, d, batch.y, batch.w)) * m
+        return moment_sums(r, d, batch.y, batch.w), jnp.sum(r)
+      g, gmu = _sweep(fn, ex, mask, layout.batch, _zeros(consts))
+      return jax.tree.map(lambda a, b: a * b / layout.n, sq, g), gmu / layout.n
+
+    norm = lambda x: jnp.sqrt(sum(jnp.sum(leaf ** 2) for leaf in jax.tree.leaves(x)))
+    x = jax.lax.fori_loop(0, iters, lambda _, x: jax.tree.map(lambda a: a / norm(x), gram(x)),
+                          (jax.tree.map(jnp.ones_like, consts.eps), jnp.float32(1)))
+    return norm(gram(x)) / norm(x)
+  return _run(layout, local, (ex, mask), (consts,))
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "epochs"))
+def stochastic_ascent(ex: Examples, mask, consts: Consts, key, lr, decay_steps, average_from,
+                      v0, mu0, *, layout: Layout, epochs: int) -> DualState:
+  """The stochastic phase from duals (v0, µ0): `epochs` passes, each block shuffled by its own
+  key, tail-averaged; one psum per step."""
+  def local(ex, mask, consts, key, lr, decay_steps, average_from, v0, mu0):
+    total = epochs * layout.steps
+    avg_start = jnp.minimum(jnp.floor(average_from * total), total - 1).astype(jnp.int32)
+    local_blocks = mask.shape[0]
+    first = jax.lax.axis_index(AXIS) * local_blocks
+
+    def epoch(e, state):
+      keys = jax.vmap(lambda b: jax.random.fold_in(jax.random.fold_in(key, e), b))(
+          first + jnp.arange(local_blocks))
+      perm = jax.vmap(lambda k: jax.random.permutation(k, layout.rows))(keys)
+
+      def body(st, t):
+        idx = jax.lax.dynamic_slice_in_dim(perm, t * layout.batch, layout.batch, axis=1)
+        take = lambda x: _flat(jax.vmap(lambda xb, ib: xb[ib])(x, idx))
+        lr_t = lr / (1.0 + st.step / decay_steps)
+        return dual_step(st, jax.tree.map(take, ex), take(mask), consts, lr_t,
+                         st.step >= avg_start, AXIS), None
+
+      return jax.lax.scan(body, state, jnp.arange(layout.steps))[0]
+
+    state = DualState(v0, mu0, v0, mu0, jnp.int32(0), jnp.int32(0))
+    return jax.lax.fori_loop(0, epochs, epoch, state)
+  return _run(layout, local, (ex, mask),
+              (consts, key, lr, decay_steps, average_from, v0, mu0))
+
+
+def _full_gradient(lam, mu, ex, mask, consts: Consts, batch: int, n: int):
+  """Exact dual gradient in one pass: (E[q·b] constraint tree, E[q] − η)."""
+  def fn(b, m):
+    q, d = primal_q(lam, mu, b, consts.pi, consts.eta)
+    return moment_sums(q * m, d, b.y, b.w), jnp.sum(q * m)
+  sums, total = _sweep(fn, ex, mask, batch, _zeros(consts))
+  return jax.tree.map(lambda x: x / n, sums), total / n - consts.eta
+
+
+def fista(grad_fn, lam, mu, consts: Consts, lr, steps: int, traced: bool = True):
+  """FISTA with gradient restart on the dual in (λ = v⁺ − v⁻, µ); returns (λ, µ).
+
+  grad_fn(λ, µ) -> (E[q·b], E[q] − η); traced=False runs the steps as a Python loop, for a
+  grad_fn that streams over shards. In λ the two one-sided constraints become one term
+  −ε|λ| whose proximal map is a soft threshold, so each step is ascent, shrink by lr·P·ε,
+  clip to [−V, V].
+  """
+  def prox_ascent(x):
+    gl, gmu = grad_fn(*x)
+    def prox(lam, g, eps, p):
+      z = lam + lr * p * g
+      z = jnp.sign(z) * jnp.maximum(jnp.abs(z) - lr * p * eps, 0.0)
+      return jnp.clip(z, -consts.cap, consts.cap)
+    return jax.tree.map(prox, x[0], gl, consts.eps, consts.precond), x[1] + lr * gmu
+
+  def body(_, carry):
+    x, x_prev, t = carry
+    t_next = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
+    y = jax.tree.map(lambda a, b: a + (t - 1.0) / t_next * (a - b), x, x_prev)
+    x_new = prox_ascent(y)
+    # Restart the momentum when the step it produced points back (O'Donoghue & Candès).
+    back = sum(jnp.vdot(xn - yy, xn - xx) for xn, yy, xx in
+               zip(jax.tree.leaves(x_new), jax.tree.leaves(y), jax.tree.leaves(x)))
+    return x_new, x, jnp.where(back < 0, 1.0, t_next)
+
+  carry = ((lam, mu), (lam, mu), jnp.float32(1))
+  if traced:
+    return jax.lax.fori_loop(0, steps, body, carry)[0]
+  for i in range(steps):
+    carry = body(i, carry)
+  return carry[0]
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "steps"))
+def refine(lam, mu, ex: Examples, mask, consts: Consts, lr, *, layout: Layout, steps: int):
+  """`fista` on exact gradients over all the solver's rows (one pass per step)."""
+  def local(ex, mask, lam, mu, consts, lr):
+    grad = lambda lam, mu: _full_gradient(lam, mu, ex, mask, consts, layout.batch, layout.n)
+    return fista(grad, lam, mu, consts, lr, steps)
+  return _run(layout, local, (ex, mask), (lam, mu, consts, lr))
+
+
+def solve(ex: Examples, pi, eps: dict, config, init: dict | None = None, devices=None):
+  """Both ascent phases on host Examples [n, ...] (a sample of the data, or all of it).
+
+  init: optional warm start {'v': constraint tree [2, ...], 'mu': float} (M4Result.duals).
+  Every process must pass the same rows. Returns (λ signed duals as a numpy constraint
+  tree, µ, consts, unit step 1 / L, info).
+  """
+  o = config.optim
+  layout = make_layout(len(ex.u), config, devices)
+  bex, mask = to_blocks(ex, layout)
+  consts = Consts(jnp.asarray(pi), jnp.float32(config.eta), jax.tree.map(jnp.asarray, eps),
+                  None, jnp.float32(config.V))
+  consts = consts._replace(precond=jacobi(bex, mask, consts.pi, layout=layout))
+  lipschitz = curvature(bex, mask, consts, layout=layout, iters=o.power_iters)
+  # Power iteration approaches λ_max from below; the margin keeps steps under 1 / L.
+  unit = 1.0 / (1.1 * float(lipschitz))
+  if init is None:
+    v0 = jax.tree.map(lambda e: jnp.zeros((2,) + e.shape, jnp.float32), consts.eps)
+    mu0 = jnp.float32(0)
+  else:
+    v0 = jax.tree.map(lambda e, v: jnp.asarray(v, jnp.float32).reshape((2,) + e.shape),
+                      consts.eps, init["v"])
+    mu0 = jnp.float32(init["mu"])
+  epochs = -(-o.steps // layout.steps)
+  lam, mu, taken = jax.tree.map(lambda v: v[0] - v[1], v0), mu0, 0
+  if epochs:
+    state = stochastic_ascent(bex, mask, consts, jax.random.key(config.seed),
+                              jnp.float32(o.lr * unit), jnp.float32(o.decay_steps),
+                              jnp.float32(o.average_from), v0, mu0, layout=layout,
+                              epochs=epochs)
+    lam, mu, taken = jax.tree.map(lambda v: v[0] - v[1], state.v_avg), state.mu_avg, state.step
+  if o.refine_steps:
+    lam, mu = refine(lam, mu, bex, mask, consts, jnp.float32(unit), layout=layout,
+                     steps=o.refine_steps)
+  info = dict(stochastic_steps=int(taken), epochs=epochs, refine_steps=o.refine_steps,
+              curvature=float(lipschitz), devices=layout.mesh.size, blocks=layout.blocks)
+  return jax.tree.map(np.asarray, lam), float(mu), consts, float(unit), info
