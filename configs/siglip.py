@@ -34,6 +34,9 @@ def get_config(arg=None):
   c.balance = m4_config()
   c.data_version = arg.data  # baseline | balanced
   c.balance_dir = ""  # '' = <workdir>/balance (written by the `balance` subcommand)
+  # '' = annotate the training split; else a folder of annotation shards (.npz, in training-split
+  # order) that M4 streams (balance/shards.py).
+  c.annotations_dir = ""
 
   # train
   c.loss = arg.loss

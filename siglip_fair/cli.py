@@ -24,8 +24,11 @@ _HELP = {
              "bias of both, and write summary.json / summary.md / plots to the workdir."),
     "data": ("Build the synthetic world as a TFDS ArrayRecord dataset (no download), train the "
              "sentencepiece tokenizer on its captions and report text-annotation precision/recall."),
-    "balance": ("Annotate the training split and run M4 balancing: writes keep probabilities, the keep "
-                "mask and a data card (JSON + Markdown) to the workdir."),
+    "balance": ("Annotate the training split (text lexicons, ground truth or zero-shot image "
+                "annotation; or stream the annotation shards in --config.annotations_dir) and run "
+                "M4 balancing with a progress bar per pass: writes keep probabilities, the keep "
+                "mask (and repeat counts with --config.balance.repeats=true) and a data card "
+                "(JSON, Markdown, PNG) to <workdir>/balance."),
     "train": ("Train a two-tower model (SigLIP or CLIP loss) with periodic evaluation; resumes "
               "automatically from the checkpoints in the workdir."),
     "eval": "Evaluate the latest checkpoint in the workdir: zero-shot, retrieval, RB, AB, gender accuracy.",

@@ -81,18 +81,46 @@ def read_fields(source, fields) -> dict[str, np.ndarray]:
 
 def annotations(config, data: Data) -> dict[str, np.ndarray]:
   """Annotations (s, known, y, w, u) of the training split under `config.annotate`."""
-  return annotate.annotate_split(data.train_fields, config.annotate)
+  return annotate.annotate_split(data.train_fields, config.annotate, image_annotations(config, data))
+
+
+def image_annotations(config, data: Data) -> dict[str, np.ndarray] | None:
+  """Image-side annotations of the training split: zero-shot inference with the two-tower
+  checkpoint in `annotate.zeroshot.checkpoint` when `annotate.image == 'zeroshot'`; None (the
+  world's ground truth) otherwise. Recomputed on each call: one pass over the images."""
+  cfg = config.annotate
+  if cfg.image not in annotate.IMAGE_SIDES:
+    raise ValueError(f"annotate.image={cfg.image!r}; expected one of {annotate.IMAGE_SIDES}.")
+  if cfg.image != "zeroshot" or cfg.source not in ("combined", "image"):
+    return None
+  from siglip_fair.annotate import zeroshot
+  from siglip_fair.models.two_tower import embed_fns, make_model, temperature
+  from siglip_fair.train.checkpoint import load_params
+  if not cfg.zeroshot.checkpoint:
+    raise ValueError("annotate.image='zeroshot' needs annotate.zeroshot.checkpoint: the workdir "
+                     "of a trained two-tower run (e.g. a baseline run).")
+  params = load_params(cfg.zeroshot.checkpoint)
+  embed_images, embed_texts = embed_fns(make_model(config.model))
+  annotator = zeroshot.ZeroShotAnnotator(embed_images, embed_texts, data.tokenizer, temperature,
+                                         cfg.zeroshot)
+  return annotator.annotate(params, data.sources["train"])
 
 
 def annotation_report(config, data: Data) -> dict[str, float]:
-  """Precision / recall of the text lexicons against the world's ground truth."""
+  """Precision / recall of the text lexicons (and of zero-shot image annotations, when used)
+  against the world's ground truth."""
   arrays = data.train_fields
   text_cfg = config.annotate.copy_and_resolve_references()
   text_cfg.source = "text"
   pred = annotate.annotate_split(arrays, text_cfg)
   truth = annotate.from_ground_truth(arrays)
   names = dict(s=world.GROUPS, y=world.OCCUPATIONS, w=world.PROXIES)
-  return annotate.precision_recall(pred, truth, names)
+  report = annotate.precision_recall(pred, truth, names)
+  image = image_annotations(config, data)
+  if image is not None:
+    from siglip_fair.annotate import zeroshot
+    report.update({f"zeroshot/{k}": v for k, v in zeroshot.agreement(image, truth, names).items()})
+  return report
 
 
 def names() -> dict:
@@ -101,21 +129,38 @@ def names() -> dict:
 
 
 def balance(config, workdir: str, data: Data | None = None) -> dict[str, Any]:
-  """Annotates the training split and runs M4; writes balance/{m4.npz,card.json,card.md}."""
+  """Annotates the training split (or reads `annotations_dir`, a folder of annotation shards in
+  training-split order) and runs M4. Writes to the balance directory, each file atomically:
+  annotations.npz, card.json, card.md, card.png, and m4.npz (q, keep, repeats when
+  `balance.repeats`) last, so its presence marks a complete run."""
   from siglip_fair import balance as m4
+  from siglip_fair.report import plots
   out = balance_dir(config, workdir)
   path = os.path.join(out, "m4.npz")
   if os.path.exists(path):
     return load_balance(out)
   data = data or prepare_data(config, workdir)
-  ann = annotations(config, data)
-  result = m4.balance(ann, config.balance, jax.random.key(config.balance.seed), names=names())
+  source = config.get("annotations_dir") or ""
+  if source:  # streamed from the shards, never loaded whole
+    ann, shards = None, m4.as_shards(source)
+    total = sum(len(s) for s in shards)
+    if total != len(data.sources["train"]):
+      raise ValueError(f"annotations_dir={source!r} holds {total} rows but the training split has "
+                       f"{len(data.sources['train'])}; shards must cover it in order.")
+  else:
+    ann = shards = annotations(config, data)
+  result = m4.balance_stream(shards, config.balance, jax.random.key(config.balance.seed),
+                             names=names(), progress=config.get("progress", False))
   os.makedirs(out, exist_ok=True)
-  annotate.save_annotations(os.path.join(out, "annotations.npz"), ann)
+  if ann is not None:
+    annotate.save_annotations(os.path.join(out, "annotations.npz"), ann)
   atomic_write(os.path.join(out, "card.json"), json.dumps(result.card, indent=1))
   atomic_write(os.path.join(out, "card.md"), m4.card_markdown(result.card))
-  # m4.npz last: its presence marks a complete balancing run.
-  atomic_savez(path, q=result.q, keep=result.keep)
+  plots.plot_data_card(result.card, os.path.join(out, "card.png"))
+  arrays = dict(q=result.q, keep=result.keep)
+  if result.repeats is not None:
+    arrays["repeats"] = result.repeats
+  atomic_savez(path, **arrays)
   print(f"balance: kept {result.keep.mean():.3f} of {result.keep.size} examples "
         f"(verdict: {result.card['verdict']}); card in {out}")
   return load_balance(out)
@@ -126,7 +171,9 @@ def load_balance(out: str) -> dict[str, Any]:
     result = {k: f[k] for k in f.files}
   with open(os.path.join(out, "card.json")) as f:
     result["card"] = json.load(f)
-  result["annotations"] = annotate.load_annotations(os.path.join(out, "annotations.npz"))
+  ann_path = os.path.join(out, "annotations.npz")  # absent when balanced from annotations_dir
+  result["annotations"] = (annotate.load_annotations(ann_path) if os.path.exists(ann_path)
+                           else None)
   return result
 
 
@@ -170,7 +217,9 @@ def train_and_evaluate(config, workdir: str, *, data: Data | None = None,
   data = data or prepare_data(config, workdir)
   keep = None
   if config.data_version == "balanced":
-    keep = balance(config, workdir, data)["keep"]
+    result = balance(config, workdir, data)
+    # Repeat counts (E[r] = q / η) give a balanced set the size of the baseline's.
+    keep = result["repeats"] if config.balance.get("repeats", False) else result["keep"]
   elif config.data_version != "baseline":
     raise ValueError(f"data_version={config.data_version!r}; use 'baseline' or 'balanced'.")
   model = make_model(config.model)

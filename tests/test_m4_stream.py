@@ -54,7 +54,7 @@ def test_ten_shards_equal_one_in_memory_pass(tmp_path, sample_size):
 
 def test_sampled_solve_with_polish_matches_exact_qp():
   ann, pi = _instance(seed=1, n=12000)
-  cfg = _config(sample_size=3000, chunk_size=2048, polish_steps=30)
+  cfg = _config(sample_size=3000, chunk_size=2048, polish_steps=10)
   cfg.pi = tuple(float(x) for x in pi)
   result = stream.balance_stream(ann, cfg, jax.random.key(0))
   exact = qp.solve_qp(ann, cfg)
@@ -66,6 +66,12 @@ def test_sampled_solve_with_polish_matches_exact_qp():
   for block in ("rep", "assoc", "proxy"):
     assert np.all(np.abs(moments[block]) <= exact["eps"][block] + 1e-3), block
   assert abs(result.q.mean() - cfg.eta) <= 1e-3
+  assert result.card["dual_steps"]["polish"] == 10
+  # Without the polish, the sample's duals alone cost objective (that is why it runs).
+  cfg.optim.polish_steps = 0
+  raw = stream.balance_stream(ann, cfg, jax.random.key(0))
+  assert abs(qp.objective(raw.q, ann["u"], cfg.eta) - exact["objective"]) > abs(
+      ours - exact["objective"])
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -182,7 +188,6 @@ def distributed_config():
   """The config of the device / process tests (a sampled solve, so every pass is exercised)."""
   cfg = _config(sample_size=3000, chunk_size=700, polish_steps=3)
   cfg.pi = (0.45, 0.35)
-  cfg.tol = 0.0  # always polish: the polish passes run across processes too
   return cfg
 
 
@@ -231,3 +236,20 @@ def test_two_processes_on_loopback_equal_one_device(tmp_path):
   assert np.array_equal(np.sort(rows), np.arange(7000))  # the processes split the rows
   assert np.abs(q - single.q[rows]).max() <= 1e-5
   np.testing.assert_array_equal(keep, single.keep[rows])
+
+
+def test_tolerances_per_family():
+  ann, _ = _instance(n=2000, c=4, p=3)
+  cfg = _config()
+  cfg.eps_assoc, cfg.tolerance = 0.1, "relative"
+  cfg.eps_proxy, cfg.tolerance_proxy = 0.003, "absolute"
+  totals = m4.totals(m4.prepare(ann, cfg))
+  eps = m4.tolerances(cfg, totals)
+  np.testing.assert_allclose(eps["assoc"], np.tile(0.1 * ann["y"].mean(0), (2, 1)), rtol=1e-6)
+  np.testing.assert_allclose(eps["proxy"], np.full((2, 3), 0.003))
+  cfg.eps_proxy = cfg.tolerance_proxy = None  # proxies follow the label family
+  np.testing.assert_allclose(m4.tolerances(cfg, totals)["proxy"],
+                             np.tile(0.1 * ann["w"].mean(0), (2, 1)), rtol=1e-6)
+  cfg.tolerance_proxy = "relatve"
+  with pytest.raises(ValueError, match="tolerance_proxy must be"):
+    m4.check_config(cfg)

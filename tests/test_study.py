@@ -29,9 +29,16 @@ def data_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("data")
 
 
-def test_train_and_evaluate_learns_zero_shot(data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+  """A 300-step model (config, workdir, final metrics), shared by the tests that need one."""
   cfg = small_config(data_dir)
-  final = study.train_and_evaluate(cfg, str(tmp_path))
+  workdir = tmp_path_factory.mktemp("trained")
+  return cfg, workdir, study.train_and_evaluate(cfg, str(workdir))
+
+
+def test_train_and_evaluate_learns_zero_shot(trained):
+  cfg, tmp_path, final = trained
   # 10 object classes: chance is 0.1.
   assert final["zeroshot/top1"] > 0.6, final
   assert final["zeroshot/top1_lo"] <= final["zeroshot/top1"] <= final["zeroshot/top1_hi"]
@@ -70,3 +77,57 @@ def test_balanced_version_trains_only_on_kept_examples(data_dir, tmp_path):
   seen = np.concatenate([next(batches)["index"] for _ in range(20)])
   assert keep[seen].all()
   assert os.path.exists(tmp_path / "balance" / "card.md")
+  assert os.path.exists(tmp_path / "balance" / "card.png")
+  with np.load(tmp_path / "balance" / "m4.npz") as f:
+    assert "repeats" not in f.files
+
+
+def test_balance_streams_annotation_shards_and_repeats(data_dir, tmp_path):
+  from siglip_fair import annotate
+  from siglip_fair.balance import write_shards
+  cfg = small_config(data_dir, "steps=4,variant=mu/8,batch=32,depth=1,data=balanced")
+  cfg.balance.pi, cfg.balance.eta, cfg.balance.repeats = (0.5, 0.5), 0.7, True
+  cfg.annotate.source = "ground_truth"
+  data = study.prepare_data(cfg, str(tmp_path))
+  in_memory = study.balance(cfg, str(tmp_path / "a"), data)
+  write_shards(study.annotations(cfg, data), tmp_path / "shards", 3)
+  cfg.annotations_dir = str(tmp_path / "shards")
+  streamed = study.balance(cfg, str(tmp_path / "b"), data)
+  np.testing.assert_allclose(streamed["q"], in_memory["q"], atol=1e-6)
+  np.testing.assert_array_equal(streamed["repeats"], in_memory["repeats"])
+  assert streamed["annotations"] is None and in_memory["annotations"] is not None
+  # Training on repeat counts: the balanced set has about the baseline's size.
+  assert abs(streamed["repeats"].sum() / 2000 - 1.0) < 0.05
+  batches = study.train_iterator(cfg, data, streamed["repeats"])
+  seen = np.concatenate([next(batches)["index"] for _ in range(20)])
+  assert (streamed["repeats"][seen] > 0).all()
+  cfg.annotations_dir = str(tmp_path / "shards" / "annotations-00000-of-00003.npz")
+  with pytest.raises(ValueError, match="holds 667 rows but the training split has 2000"):
+    study.balance(cfg, str(tmp_path / "c"), data)
+  assert annotate.KEYS  # the shards carried every annotation field
+
+
+def test_zero_shot_image_annotations_from_a_trained_checkpoint(trained, tmp_path):
+  from siglip_fair.annotate import zeroshot
+  from siglip_fair.models.two_tower import embed_fns, make_model, temperature
+  from siglip_fair.train.checkpoint import load_params
+  cfg, workdir, _ = trained
+  cfg = cfg.copy_and_resolve_references()
+  cfg.annotate.source, cfg.annotate.image = "image", "zeroshot"
+  data = study.prepare_data(cfg, str(tmp_path))
+  with pytest.raises(ValueError, match="needs annotate.zeroshot.checkpoint"):
+    study.annotations(cfg, data)
+  cfg.annotate.zeroshot.checkpoint = str(workdir)
+  ann = study.annotations(cfg, data)
+  # The study's annotations are the annotator's on the checkpoint's parameters.
+  towers = embed_fns(make_model(cfg.model))
+  direct = zeroshot.ZeroShotAnnotator(*towers, data.tokenizer, temperature,
+                                      cfg.annotate.zeroshot).annotate(
+                                          load_params(str(workdir)), data.sources["train"])
+  np.testing.assert_array_equal(ann["s"], direct["s"])
+  report = study.annotation_report(cfg, data)
+  truth = data.train_fields
+  people = (np.asarray(truth["s"]).sum(1) > 0) & (ann["known"] > 0)
+  accuracy = np.mean(np.argmax(ann["s"][people], 1) == np.argmax(truth["s"][people], 1))
+  assert report["zeroshot/s/accuracy"] == pytest.approx(accuracy)
+  assert accuracy > 0.8  # the tint cue is learnt in 300 steps

@@ -18,7 +18,8 @@ from siglip_fair.annotate.lexicon import default_lexicon_config
 from siglip_fair.annotate.lexicon import tokenize
 from siglip_fair.io import atomic_savez
 
-SOURCES = ("text", "ground_truth", "combined")
+SOURCES = ("text", "ground_truth", "combined", "image")
+IMAGE_SIDES = ("ground_truth", "zeroshot")
 KEYS = ("s", "known", "y", "w", "u")
 _NDIM = dict(s=2, known=1, y=2, w=2, u=1)
 
@@ -26,16 +27,23 @@ _NDIM = dict(s=2, known=1, y=2, w=2, u=1)
 def default_config() -> ml_collections.ConfigDict:
   """Annotation config.
 
-  source: 'text' (lexicon over captions), 'ground_truth' (the world's labels;
-    the stand-in for image-side inference) or 'combined' (text and image side
-    merged by `rule`, one of RULES; see `combine`).
+  source: 'text' (lexicon over captions), 'ground_truth' (the world's labels),
+    'image' (image side alone) or 'combined' (text and image side merged by
+    `rule`, one of RULES; see `combine`).
+  image: the image side: 'ground_truth' (the world's labels stand in for it) or
+    'zeroshot' (inferred by the two-tower model in `zeroshot.checkpoint`, a
+    training workdir, with the prompt sets of `zeroshot`; see zeroshot.py).
   caption_index: which of the K captions the lexicon reads.
   """
+  from siglip_fair.annotate import zeroshot  # pylint: disable=g-import-not-at-top
   cfg = ml_collections.ConfigDict()
   cfg.source = "text"
   cfg.rule = "text_first"
+  cfg.image = "ground_truth"
   cfg.caption_index = 0
   cfg.lexicon = default_lexicon_config()
+  cfg.zeroshot = zeroshot.default_config()
+  cfg.zeroshot.checkpoint = ""
   return cfg
 
 
@@ -50,7 +58,7 @@ def annotate_split(arrays: Mapping[str, np.ndarray],
       fields used by `from_ground_truth`.
     cfg: see `default_config`.
     image_ann: image-side annotations (e.g. zero-shot); defaults to ground
-      truth. Used only by source='combined'.
+      truth. Used by source='combined' and 'image'.
 
   Returns:
     s, known, y, w as in `annotate_captions` and u float32 [N] zeros.
@@ -60,6 +68,8 @@ def annotate_split(arrays: Mapping[str, np.ndarray],
                      f"{SOURCES}.")
   if cfg.source == "ground_truth":
     ann = from_ground_truth(arrays)
+  elif cfg.source == "image":
+    ann = from_ground_truth(arrays) if image_ann is None else dict(image_ann)
   else:
     captions = np.asarray(arrays["captions"])
     if not 0 <= cfg.caption_index < captions.shape[1]:

@@ -75,15 +75,6 @@ def _moments(sums, pi) -> dict:
               proxy=(qs["s_w"] - pi[:, None] * qs["known_w"]) / n)
 
 
-def worst_residual(sums, pi, eps: dict, config) -> float:
-  """max(|moment| − ε) over the enforced constraints, and |E[q] − η| for the budget."""
-  mom = _moments(sums, pi)
-  blocks = ["rep"] + [b for b, on in (("assoc", config.use_labels),
-                                       ("proxy", config.use_proxies)) if on]
-  res = [np.max(np.abs(mom[b]) - eps[b], initial=-np.inf) for b in blocks]
-  return float(max(max(res), abs(sums["q_sum"] / sums["n"] - config.eta)))
-
-
 def data_card(ann: dict, q, keep, *, pi, eps: dict, duals: dict, config, info: dict,
               names: dict | None = None) -> dict:
   """JSON-serialisable summary of an M4 run over in-memory annotations.
@@ -171,6 +162,8 @@ def data_card_from_sums(sums: dict, *, pi, eps: dict, duals: dict, config, info:
       curvature=float(info["curvature"]),
       settings=dict(eta=float(config.eta), eps_rep=float(config.eps_rep),
                     eps_assoc=float(config.eps_assoc), tolerance=str(config.tolerance),
+                    eps_proxy=config.get("eps_proxy"),
+                    tolerance_proxy=config.get("tolerance_proxy"),
                     use_labels=bool(config.use_labels), use_proxies=bool(config.use_proxies),
                     use_utility=bool(config.use_utility), V=cap, tol=float(config.tol)),
   )

@@ -58,6 +58,9 @@ def default_config() -> ml_collections.ConfigDict:
   # (proxy j: eps_assoc · P(w_j)), i.e. |E[q (s_k − π_k) known | y_r]| <= eps_assoc, so a rare
   # label is held to the same conditional gap as a common one.
   c.tolerance = "absolute"
+  # Per family: proxies may have their own bound and mode (None: eps_assoc / tolerance).
+  c.eps_proxy = None
+  c.tolerance_proxy = None
   c.use_labels = True    # association constraints on y (off: prevalence only, i.e. raking).
   c.use_proxies = False  # association constraints on w as well.
   c.use_utility = False  # u enters q (prefers keeping high-utility examples).
@@ -73,12 +76,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.refine_steps = 100  # exact full-data accelerated steps (each one pass); 0: none.
   c.optim.power_iters = 30    # power iterations for the curvature L.
   # Scale (balance/stream.py): the dual is solved on a uniform sample of at most sample_size
-  # rows (all rows below it); q, the budget and the card are then exact passes over all rows in
-  # chunks of chunk_size. polish_steps exact full-data steps follow when the exact certificate of
-  # a sampled solve shows a violation (each is one pass).
-  c.optim.sample_size = 1 << 18
+  # rows (all rows below it), then polished by polish_steps exact full-data steps (one pass
+  # each); q, the budget and the card are exact passes over all rows in chunks of chunk_size.
+  c.optim.sample_size = 1 << 16
   c.optim.chunk_size = 1 << 14
-  c.optim.polish_steps = 10
+  c.optim.polish_steps = 6
   # The solver's rows are cut into `blocks` blocks; every mini-batch takes the same number of
   # rows from each, and the blocks are spread over gcd(blocks, devices) devices (dual.py), so
   # the result does not depend on the device or process count.
@@ -229,9 +231,12 @@ def check_config(config) -> None:
   for name in ("eps_rep", "eps_assoc", "tol"):
     if not config[name] >= 0.0:
       raise ValueError(f"config.{name} must be >= 0, got {config[name]}.")
-  if config.tolerance not in ("absolute", "relative"):
-    raise ValueError("config.tolerance must be 'absolute' or 'relative', got "
-                     f"{config.tolerance!r}.")
+  for name in ("tolerance", "tolerance_proxy"):
+    value = config.get(name)
+    if value not in ("absolute", "relative") and not (name == "tolerance_proxy" and value is None):
+      raise ValueError(f"config.{name} must be 'absolute' or 'relative', got {value!r}.")
+  if config.get("eps_proxy") is not None and not config.eps_proxy >= 0.0:
+    raise ValueError(f"config.eps_proxy must be >= 0 (or None: eps_assoc), got {config.eps_proxy}.")
   if not config.V > 0.0:
     raise ValueError(f"config.V (the dual cap) must be > 0, got {config.V}.")
   o = config.optim
@@ -273,12 +278,15 @@ def tolerances(config, totals: dict) -> dict:
   """ε as a constraint tree (see `default_config` for 'absolute' vs 'relative')."""
   m, n = totals["known"].shape[0], totals["n"]
 
-  def assoc(col_sums):
-    scale = col_sums / n if config.tolerance == "relative" else np.ones_like(col_sums)
-    return np.tile(config.eps_assoc * scale, (m, 1)).astype(np.float32)
+  def family(col_sums, eps, mode):
+    scale = col_sums / n if mode == "relative" else np.ones_like(col_sums)
+    return np.tile(eps * scale, (m, 1)).astype(np.float32)
 
-  return dict(rep=np.full((m,), config.eps_rep, np.float32), assoc=assoc(totals["y"]),
-              proxy=assoc(totals["w"]))
+  eps_proxy = config.eps_assoc if config.get("eps_proxy") is None else config.eps_proxy
+  mode_proxy = config.get("tolerance_proxy") or config.tolerance
+  return dict(rep=np.full((m,), config.eps_rep, np.float32),
+              assoc=family(totals["y"], config.eps_assoc, config.tolerance),
+              proxy=family(totals["w"], eps_proxy, mode_proxy))
 
 
 def balance(ann: dict, config, key: jax.Array, *, names: dict | None = None) -> M4Result:

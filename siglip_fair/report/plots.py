@@ -142,3 +142,47 @@ def plot_bias_bars(rows: Sequence[Mapping[str, Any]], out_png: str, *,
     ax.set_title(metric)
     ax.grid(axis="y", alpha=0.3)
   return _save(fig, out_png)
+
+
+def plot_data_card(card: Mapping[str, Any], out_png: str, *, top: int = 12) -> str:
+  """The M4 data card at a glance: group prevalence (before, after, target) and the `top`
+  largest associations P(s|x) − P(s) before and after balancing.
+
+  Args:
+    card: a data card (`balance.card.data_card`, or card.json).
+    out_png: output file (written atomically).
+
+  Returns:
+    out_png.
+  """
+  groups = card.get("groups") or []
+  if not groups:
+    raise ValueError("The data card has no groups to plot.")
+  assoc = sorted((a for a in card.get("association", []) if a.get("before") is not None),
+                 key=lambda a: -abs(a["before"]))[:top]
+  fig, axes = _grid(2 if assoc else 1, width=5.0, height=3.5)
+  names = [g["name"] for g in groups]
+  x = range(len(groups))
+  ax = axes[0]
+  for k, (key, label) in enumerate((("before", "before"), ("after", "after"),
+                                    ("target", "target"))):
+    ax.bar([i + (k - 1) * 0.27 for i in x], [_float(g.get(key)) for g in groups], width=0.27,
+           label=label, color=f"C{k}")
+  ax.set_xticks(list(x), names)
+  ax.set_title(f"prevalence (kept {card['kept']['expected']:.2f}, {card['verdict']})")
+  ax.legend(fontsize=8)
+  ax.grid(axis="y", alpha=0.3)
+  if assoc:
+    ax = axes[1]
+    y = range(len(assoc))
+    ax.barh([i + 0.2 for i in y], [a["before"] for a in assoc], height=0.4, label="before",
+            color="C0")
+    ax.barh([i - 0.2 for i in y], [_float(a["after"]) for a in assoc], height=0.4,
+            label="after", color="C1")
+    ax.set_yticks(list(y), [a["name"] for a in assoc], fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_title("association P(s|x) − P(s)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+  return _save(fig, out_png)

@@ -12,6 +12,7 @@ from typing import Callable
 import grain
 import grain.checkpoint
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 _GRAIN_ITERATORS = (grain.DatasetIterator, grain.DataLoaderIterator)
@@ -34,6 +35,26 @@ def latest_step(workdir: str) -> int | None:
   options = ocp.CheckpointManagerOptions(read_only=True)
   with ocp.CheckpointManager(directory, options=options) as manager:
     return manager.latest_step()
+
+
+def load_params(workdir: str, step: int | None = None):
+  """The model parameters of a run's checkpoint (the latest when step is None), as host arrays.
+
+  For using a trained model elsewhere (zero-shot annotation, evaluation in Colab); no train
+  state or mesh is needed.
+  """
+  step = latest_step(workdir) if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no complete checkpoint in {os.path.join(workdir, 'checkpoints')!r}"
+                            "; train a model there first.")
+  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"checkpoint step {step} has no state at {path!r}.")
+  with ocp.StandardCheckpointer() as ckpt:
+    state = ckpt.restore(path)
+  if "params" not in state:
+    raise ValueError(f"checkpoint {path!r} holds {sorted(state)}, not a train state.")
+  return jax.tree.map(np.asarray, state["params"])
 
 
 def _data_save_args(data_iter):
