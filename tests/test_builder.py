@@ -104,3 +104,18 @@ def test_bad_split_raises(built):
   root, _ = built
   with pytest.raises(ValueError, match="split"):
     builder.data_source(_tiny(), root, "test")
+
+
+def test_m4_streams_annotations_straight_from_the_arrayrecord_split(built):
+  import jax
+  from siglip_fair import annotate
+  from siglip_fair.balance import m4, shards, stream
+  root, _ = built
+  source = builder.data_source(_tiny(), root, "train")
+  cfg = m4.default_config()
+  cfg.pi, cfg.eta, cfg.optim.chunk_size = (0.5, 0.5), 0.7, 256
+  from_records = stream.balance_stream([shards.RecordShard(source)], cfg, jax.random.key(0))
+  truth = annotate.from_ground_truth(world.generate_split(_tiny(), "train"))
+  in_memory = m4.balance(truth, cfg, jax.random.key(0))
+  np.testing.assert_allclose(from_records.q, in_memory.q, atol=1e-6)
+  np.testing.assert_array_equal(from_records.keep, in_memory.keep)

@@ -54,7 +54,7 @@ def test_ten_shards_equal_one_in_memory_pass(tmp_path, sample_size):
 
 def test_sampled_solve_with_polish_matches_exact_qp():
   ann, pi = _instance(seed=1, n=12000)
-  cfg = _config(sample_size=3000, chunk_size=2048, polish_steps=10)
+  cfg = _config(sample_size=3000, chunk_size=2048, polish_steps=40)
   cfg.pi = tuple(float(x) for x in pi)
   result = stream.balance_stream(ann, cfg, jax.random.key(0))
   exact = qp.solve_qp(ann, cfg)
@@ -66,7 +66,7 @@ def test_sampled_solve_with_polish_matches_exact_qp():
   for block in ("rep", "assoc", "proxy"):
     assert np.all(np.abs(moments[block]) <= exact["eps"][block] + 1e-3), block
   assert abs(result.q.mean() - cfg.eta) <= 1e-3
-  assert result.card["dual_steps"]["polish"] == 10
+  assert result.card["dual_steps"]["polish"] == 40
   # Without the polish, the sample's duals alone cost objective (that is why it runs).
   cfg.optim.polish_steps = 0
   raw = stream.balance_stream(ann, cfg, jax.random.key(0))

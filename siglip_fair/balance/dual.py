@@ -310,3 +310,16 @@ def solve(ex: Examples, pi, eps: dict, config, init: dict | None = None, devices
   info = dict(stochastic_steps=int(taken), epochs=epochs, refine_steps=o.refine_steps,
               curvature=float(lipschitz), devices=layout.mesh.size, blocks=layout.blocks)
   return jax.tree.map(np.asarray, lam), float(mu), consts, float(unit), info
+
+
+def polish(ex: Examples, lam, mu, consts: Consts, unit: float, config, steps: int,
+           devices=None):
+  """`steps` FISTA steps from (λ, µ) on exact gradients over host rows `ex` (a larger sample
+  than the solve's, or all rows); the preconditioner and step come from the solve. The step
+  is shrunk by 1.25, since the curvature was bounded on the smaller sample."""
+  layout = make_layout(len(ex.u), config, devices)
+  bex, mask = to_blocks(ex, layout)
+  lam = jax.tree.map(jnp.asarray, lam)
+  lam, mu = refine(lam, jnp.float32(mu), bex, mask, consts, jnp.float32(unit / 1.25),
+                   layout=layout, steps=steps)
+  return jax.tree.map(np.asarray, lam), float(mu)

@@ -75,12 +75,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.average_from = 0.5  # average the stochastic iterates over the last half.
   c.optim.refine_steps = 100  # exact full-data accelerated steps (each one pass); 0: none.
   c.optim.power_iters = 30    # power iterations for the curvature L.
-  # Scale (balance/stream.py): the dual is solved on a uniform sample of at most sample_size
-  # rows (all rows below it), then polished by polish_steps exact full-data steps (one pass
-  # each); q, the budget and the card are exact passes over all rows in chunks of chunk_size.
+  # Scale (balance/stream.py): the dual is solved on a uniform sample of sample_size rows, then
+  # polished by polish_steps exact steps on a uniform sample of polish_size rows that contains
+  # it (all rows when N is smaller: then the polish is exact; for N <= sample_size the solve
+  # is). q, the budget and the card are exact passes over all rows in chunks of chunk_size.
   c.optim.sample_size = 1 << 16
+  c.optim.polish_size = 1 << 19
+  c.optim.polish_steps = 20
   c.optim.chunk_size = 1 << 14
-  c.optim.polish_steps = 6
   # The solver's rows are cut into `blocks` blocks; every mini-batch takes the same number of
   # rows from each, and the blocks are spread over gcd(blocks, devices) devices (dual.py), so
   # the result does not depend on the device or process count.
@@ -240,10 +242,14 @@ def check_config(config) -> None:
   if not config.V > 0.0:
     raise ValueError(f"config.V (the dual cap) must be > 0, got {config.V}.")
   o = config.optim
+  if o.polish_size < o.sample_size:
+    raise ValueError(f"config.optim.polish_size={o.polish_size} must be >= sample_size="
+                     f"{o.sample_size}: the solve sample is drawn from the polish sample.")
   if not o.steps >= 0:
     raise ValueError(f"config.optim.steps must be >= 0 (0: no stochastic phase, e.g. when "
                      f"warm-starting), got {o.steps}.")
-  for name in ("batch_size", "power_iters", "sample_size", "chunk_size", "blocks"):
+  for name in ("batch_size", "power_iters", "sample_size", "polish_size", "chunk_size",
+               "blocks"):
     if not o[name] >= 1:
       raise ValueError(f"config.optim.{name} must be >= 1, got {o[name]}.")
   if not (o.lr > 0 and o.decay_steps > 0 and o.refine_steps >= 0 and o.polish_steps >= 0

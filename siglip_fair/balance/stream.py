@@ -3,15 +3,14 @@
 Passes over the data, each a walk over the shards in fixed-size chunks (`shards.iter_chunks`,
 padded to `optim.chunk_size` rows so every jitted chunk function compiles once):
   1. totals: group prevalence among known, label / proxy rates (targets π and relative
-     tolerances need them), value checks, and a seeded uniform sample of `optim.sample_size`
+     tolerances need them), value checks, and a seeded uniform sample of `optim.polish_size`
      rows chosen by global index (all rows when N is smaller);
-  -  the dual is solved on the sample in memory (`m4.solve`: stochastic ascent, then exact
-     accelerated refinement); the dual has m·(1 + c + p) + 1 coordinates, so a sample of
-     ~10⁵ rows pins it down for any N;
+  -  in memory (dual.py): the dual is solved on a uniform `optim.sample_size` subset of that
+     sample (stochastic ascent, then exact accelerated refinement), then polished by
+     `optim.polish_steps` exact accelerated steps on the whole polish sample; the dual has
+     m·(1 + c + p) + 1 coordinates, so ~10⁵–10⁶ rows pin it down for any N;
   2. margins η + u − bᵀλ of every row, then µ by bisection so that E[q] = η exactly;
   3. certificate: q, keep draws and the data card's sums, exact over all N.
-  +  polish (sampled solves only): `optim.polish_steps` exact accelerated steps on the full
-     data, one pass each, warm-started from the sample's duals.
 The sample, the keep draws and every sum depend on global row indices only, so cutting the
 data into a different number of shards gives the same result up to float reduction order.
 """
@@ -330,33 +329,6 @@ def card_pass(plan: Plan, config, chunk, q, keep, progress=False) -> dict:
   return _allsum(acc)
 
 
-def _exact_gradient(plan: Plan, config, chunk, lam, mu, pi):
-  """Full-data dual gradient (E[q·b], E[q] − η) in one pass (all processes)."""
-  acc = None
-  for _, _, _, ex, mask in _walk(plan, chunk, config, "M4 polish", False):
-    acc = _add(acc, _grad_sums(lam, mu, solver_view(ex, config), mask, pi,
-                               jnp.float32(config.eta)))
-  acc = _allsum(acc)
-  n = acc["n"]
-  return (jax.tree.map(lambda x: jnp.asarray(x / n, jnp.float32), acc["b"]),
-          jnp.float32(acc["q"] / n - config.eta))
-
-
-@jax.jit
-def _grad_sums(lam, mu, ex, mask, pi, eta):
-  f = _f32(ex)
-  d = (f.s - pi) * f.known
-  q = jnp.clip(eta + f.u - mu - m4.b_dot(lam, d, f.y, f.w), 0.0, 1.0) * mask
-  return dict(b=m4.moment_sums(q, d, f.y, f.w), q=q.sum(), n=mask.sum())
-
-
-def polish(plan: Plan, config, chunk, lam, mu, consts: m4.Consts, unit, steps: int):
-  """`steps` FISTA steps (as `dual.refine`) with exact full-data gradients, one pass each."""
-  grad = lambda lam, mu: _exact_gradient(plan, config, chunk, lam, mu, consts.pi)
-  lam = jax.tree.map(jnp.asarray, lam)
-  return dual.fista(grad, lam, jnp.float32(mu), consts, unit, steps, traced=False)
-
-
 def balance_stream(source, config, key: jax.Array, *, names: dict | None = None,
                    init: dict | None = None, progress: bool = False,
                    devices=None) -> m4.M4Result:
@@ -379,7 +351,7 @@ def balance_stream(source, config, key: jax.Array, *, names: dict | None = None,
     raise ValueError("the annotation shards hold no examples.")
   o = config.optim
   chunk = int(min(o.chunk_size, n))
-  idx = sample_indices(n, o.sample_size, config.seed)
+  idx = sample_indices(n, o.polish_size, config.seed)
   clock = [time.perf_counter()]
   seconds = {}
 
@@ -388,13 +360,25 @@ def balance_stream(source, config, key: jax.Array, *, names: dict | None = None,
     seconds[name] = seconds.get(name, 0.0) + now - clock[0]
     clock[0] = now
 
-  totals, sample = totals_pass(plan, config, chunk, idx, progress)
+  totals, large = totals_pass(plan, config, chunk, idx, progress)
   lap("totals")
+  # The solve sample is a uniform subset of the polish sample (itself all rows or a uniform
+  # sample), so it is a uniform sample of the data.
+  within = sample_indices(len(large.s), o.sample_size, config.seed + 1)
+  sample = large if within is None else jax.tree.map(lambda x: x[within], large)
   pi = m4.targets(config, totals)
   eps = m4.tolerances(config, dict(totals, y=totals["y"][:sample.y.shape[1]],
                                    w=totals["w"][:sample.w.shape[1]]))
   lam, mu, consts, unit, info = dual.solve(sample, pi, eps, config, init=init, devices=devices)
   lap("solve")
+  info.update(sample=int(len(sample.s)), polish_sample=int(len(large.s)), n=n, polish_steps=0)
+  if within is not None and o.polish_steps:
+    # Duals fitted to a sample also fit its noise, which costs objective on the full data
+    # (~1 % at 2^16 rows); exact steps on the 8x larger polish sample (all rows up to
+    # polish_size) remove most of it.
+    lam, mu = dual.polish(large, lam, mu, consts, unit, config, o.polish_steps, devices)
+    lap("polish")
+    info["polish_steps"] = int(o.polish_steps)
   rows = plan.rows()
 
   def draws(q):
@@ -416,13 +400,6 @@ def balance_stream(source, config, key: jax.Array, *, names: dict | None = None,
     lap("card")
     return q, mu, keep, sums
 
-  info.update(sample=int(len(sample.s)), n=n, polish_steps=0)
-  if idx is not None and o.polish_steps:
-    # Duals fitted to a sample also fit its noise, which costs objective on the full data
-    # (~1 % at a 2^16 sample); a few exact full-data steps remove it.
-    lam, mu = polish(plan, config, chunk, lam, mu, consts, unit, o.polish_steps)
-    lap("polish")
-    info["polish_steps"] = int(o.polish_steps)
   q, mu, keep, sums = certify(lam)
   info["seconds"] = seconds
   v = jax.tree.map(lambda x: np.stack([np.maximum(x, 0), np.maximum(-x, 0)]).astype(np.float32),
