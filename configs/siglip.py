@@ -40,6 +40,8 @@ def get_config(arg=None):
 
   # train
   c.loss = arg.loss
+  # 'full': [B, B] logits under jit; 'ring': chunked across the data axis (train/ring_losses.py).
+  c.loss_impl = "full"
   c.batch_size = arg.batch
   c.total = str(arg.steps)
   c.warmup = "5%"

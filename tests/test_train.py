@@ -242,6 +242,33 @@ def test_step_compiles_once_and_data_parallel_equals_single_device():
   np.testing.assert_allclose(metrics["lr"], 3e-3 * 2 / 10, rtol=1e-6)  # lr used at step 2
 
 
+@pytest.mark.parametrize("loss_name", ["sigmoid", "softmax"])
+def test_ring_loss_training_on_8_devices_equals_full_loss_on_one(loss_name):
+  config = _config()
+  it = _train_iter()
+  batches = [{k: v for k, v in next(it).items() if k != "label"} for _ in range(3)]
+  model = make_model(config.model)
+  tx, schedule = make_optimizer(config.optim, 100, 10)
+  init = make_init_fn(model, tx, batches[0]["image"], batches[0]["text"])
+  initial = jax.device_get(jax.jit(init)(jax.random.key_data(jax.random.key(0))))
+  results = {}
+  for impl, devices in (("ring", jax.devices()), ("full", jax.devices()[:1])):
+    mesh = make_mesh({"data": -1}, devices=devices)
+    shardings = state_shardings(initial, mesh)
+    state = jax.device_put(initial, shardings)
+    step = make_train_step(model, tx, loss_name, schedule=schedule, state_sharding=shardings,
+                           batch_sharding=batch_sharding(mesh), loss_impl=impl)
+    curve = []
+    for batch in batches:
+      state, metrics = step(state, global_batch(batch, mesh))
+      curve.append([float(metrics[k]) for k in ("loss", "pos_logit", "neg_logit")])
+    results[impl] = np.asarray(curve)
+  np.testing.assert_allclose(results["ring"], results["full"], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="loss_impl='chunky'"):
+    make_train_step(model, tx, loss_name, schedule=schedule, state_sharding=shardings,
+                    batch_sharding=batch_sharding(mesh), loss_impl="chunky")
+
+
 # ---------------------------------------------------------------- checkpoints, metrics
 
 

@@ -99,7 +99,8 @@ def train(config, workdir: str, *, train_iter, evaluate_fn: Callable | None = No
       k: jax.ShapeDtypeStruct((config.batch_size, *v.shape[1:]), v.dtype, sharding=bsharding)
       for k, v in example.items()}
   step_fn = make_train_step(model, tx, config.get("loss", "sigmoid"), schedule=schedule,
-                            state_sharding=shardings, batch_sharding=bsharding)
+                            state_sharding=shardings, batch_sharding=bsharding,
+                            loss_impl=config.get("loss_impl", "full"))
   # Compiled ahead of time, once: a batch or state with any other shape, dtype or sharding
   # raises instead of silently recompiling.
   compiled_step = step_fn.lower(abstract_state, abstract_batch).compile()

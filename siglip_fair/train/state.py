@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from siglip_fair.train import ring_losses
 from siglip_fair.train.losses import LOSS_NAMES, contrastive_loss
 
 
@@ -58,8 +59,12 @@ def make_init_fn(model, tx: optax.GradientTransformation, image, text) -> Callab
 
 
 def make_train_step(model, tx: optax.GradientTransformation, loss_name: str, *,
-                    schedule: Callable, state_sharding, batch_sharding) -> Callable:
+                    schedule: Callable, state_sharding, batch_sharding,
+                    loss_impl: str = "full") -> Callable:
   """Jitted `step(state, batch) -> (state, metrics)`; the input state's buffers are donated.
+
+  loss_impl: 'full' (the [B, B] logits under jit) or 'ring' (`ring_losses`: text blocks passed
+  round the batch axis of the mesh, O((B / devices)²) memory per device; same value).
 
   batch: {'image' f32 [B, H, W, 3], 'text' i32 [B, L], optional 'weight' f32 [B]} global arrays
   sharded by `batch_sharding`. metrics: replicated scalars loss, lr, t, b, grad_norm,
@@ -67,6 +72,15 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_name: str, *,
   """
   if loss_name not in LOSS_NAMES:
     raise ValueError(f"config.loss={loss_name!r}; use one of {LOSS_NAMES}.")
+  if loss_impl not in ("full", "ring"):
+    raise ValueError(f"config.loss_impl={loss_impl!r}; use 'full' or 'ring'.")
+  if loss_impl == "ring":
+    axis = batch_sharding.spec[0]
+    ring = ring_losses.ring_loss(loss_name, batch_sharding.mesh, axis=axis)
+    compute_loss = lambda zimg, ztxt, extras, w: ring(zimg, ztxt, extras["t"], extras["b"], w)
+  else:
+    compute_loss = lambda zimg, ztxt, extras, w: contrastive_loss(loss_name, zimg, ztxt, extras,
+                                                                  w)
 
   def step(state: TrainState, batch: dict):
     # A pure function of (rng, step): a resumed run draws the same dropout masks.
@@ -75,7 +89,7 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_name: str, *,
     def loss_fn(params):
       zimg, ztxt, extras = model.apply({"params": params}, batch["image"], batch["text"],
                                        train=True, rngs={"dropout": dropout_key})
-      loss, metrics = contrastive_loss(loss_name, zimg, ztxt, extras, batch.get("weight"))
+      loss, metrics = compute_loss(zimg, ztxt, extras, batch.get("weight"))
       return loss, (metrics, extras)
 
     (loss, (metrics, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

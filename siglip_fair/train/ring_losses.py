@@ -1,0 +1,140 @@
+"""Contrastive losses chunked across devices: no device ever holds the [B, B] logits.
+
+Inside `jax.shard_map` every device holds its b = B / D rows of the image and text embeddings.
+Text blocks travel round the ring of D devices (`lax.ppermute` to the next device), so at step
+k device i scores its images against the texts of device i − k:
+  * sigmoid (SigLIP paper, §3.3): every block is scored as negatives and the positives (the
+    diagonal of the k = 0 block, i.e. the local pairs) are corrected afterwards; per-device
+    partial sums meet in one `psum`;
+  * softmax (CLIP), all-gather-free: row log-sum-exps of the local images accumulate online;
+    the visiting text block carries its column log-sum-exp partials along and comes home after
+    D hops with the full column sums, where its txt->img terms are taken.
+Peak temporary memory per device is O(b²) instead of O(B²). Rows that are padding (`valid` 0,
+e.g. a global batch that does not divide into D equal blocks) are dropped as anchors and as
+negatives, so the losses equal `losses.sigmoid_loss` / `softmax_loss` on the valid rows.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+_NEG = -1e30  # log of zero mass for masked logits (finite, so 0 * _NEG stays 0)
+
+
+def _ring(axis_name):
+  size = jax.lax.axis_size(axis_name)
+  return size, [(i, (i + 1) % size) for i in range(size)]
+
+
+def sigmoid_ring_loss(zimg, ztxt, t, b, weights, valid, *, axis_name: str):
+  """SigLIP loss over the global batch, from this device's rows; call inside shard_map.
+
+  Args:
+    zimg, ztxt: f32 [b, D] this device's embeddings (row i pairs with row i).
+    t, b: scalar temperature and bias (replicated).
+    weights: f32 [b] per-image weights (ones for none).
+    valid: f32 [b], 1 for real rows, 0 for padding.
+    axis_name: the mesh axis the batch is split over.
+
+  Returns:
+    (loss, metrics) replicated over the axis: as `losses.sigmoid_loss` on the valid rows.
+  """
+  size, perm = _ring(axis_name)
+  rows = valid * weights
+
+  def block(carry, _):
+    # Every pair as a negative; the k = 0 diagonal is corrected after the scan. Row and column
+    # masks are applied as matrix-vector products (a broadcast mask would be materialised as
+    # another [b, b] buffer), so the body holds two: logits and softplus(logits).
+    txt, txt_valid, loss, neg_sum = carry
+    logits = t * zimg @ txt.T + b
+    loss = loss + rows @ (jax.nn.softplus(logits) @ txt_valid)  # −log σ(−x) = softplus(x)
+    neg_sum = neg_sum + valid @ (logits @ txt_valid)
+    txt, txt_valid = jax.lax.ppermute((txt, txt_valid), axis_name, perm)
+    return (txt, txt_valid, loss, neg_sum), None
+
+  zero = jax.lax.pcast(jnp.zeros((), zimg.dtype), axis_name, to="varying")
+  init = (ztxt, valid, zero, zero)
+  # Rematerialised: the backward pass recomputes each block's logits instead of keeping all D
+  # of them (which would be the full [b, B] again).
+  (_, _, loss, all_sum), _ = jax.lax.scan(jax.checkpoint(block), init, None, length=size)
+  pos = t * jnp.sum(zimg * ztxt, axis=1) + b
+  loss = loss + jnp.sum(rows * (jax.nn.log_sigmoid(-pos) - jax.nn.log_sigmoid(pos)))
+  pos_sum = jnp.sum(pos * valid)
+  loss, all_sum, pos_sum, n = jax.lax.psum((loss, all_sum, pos_sum, jnp.sum(valid)), axis_name)
+  return loss / n, {"pos_logit": pos_sum / n,
+                    "neg_logit": (all_sum - pos_sum) / jnp.maximum(n * (n - 1), 1.0)}
+
+
+def softmax_ring_loss(zimg, ztxt, t, weights, valid, *, axis_name: str):
+  """CLIP loss over the global batch without gathering it; call inside shard_map.
+
+  Arguments as `sigmoid_ring_loss` (no bias). Returns (loss, metrics) replicated: as
+  `losses.softmax_loss` on the valid rows.
+  """
+  size, perm = _ring(axis_name)
+  mask_rows = jnp.where(valid > 0, 0.0, _NEG)
+
+  def block(carry, _):
+    txt, txt_valid, col_lse, row_lse, neg_sum = carry
+    logits = t * zimg @ txt.T
+    masked = logits + mask_rows[:, None] + jnp.where(txt_valid > 0, 0.0, _NEG)[None, :]
+    row_lse = jnp.logaddexp(row_lse, jax.nn.logsumexp(masked, axis=1))
+    col_lse = jnp.logaddexp(col_lse, jax.nn.logsumexp(masked, axis=0))
+    neg_sum = neg_sum + jnp.sum(logits * valid[:, None] * txt_valid[None, :])
+    txt, txt_valid, col_lse = jax.lax.ppermute((txt, txt_valid, col_lse), axis_name, perm)
+    return (txt, txt_valid, col_lse, row_lse, neg_sum), None
+
+  varying = lambda x: jax.lax.pcast(x, axis_name, to="varying")
+  start = varying(jnp.full(zimg.shape[:1], _NEG, zimg.dtype))
+  init = (ztxt, valid, start, start, varying(jnp.zeros((), zimg.dtype)))
+  (_, _, col_lse, row_lse, all_sum), _ = jax.lax.scan(jax.checkpoint(block), init, None,
+                                                      length=size)
+  # After D hops every text block is home again, with its column sums complete.
+  diag = t * jnp.sum(zimg * ztxt, axis=1)
+  per_pair = 0.5 * ((row_lse - diag) + (col_lse - diag)) * weights * valid
+  pos_sum = jnp.sum(diag * valid)
+  loss, pos_sum, all_sum, n = jax.lax.psum(
+      (jnp.sum(per_pair), pos_sum, all_sum, jnp.sum(valid)), axis_name)
+  return loss / n, {"pos_logit": pos_sum / n,
+                    "neg_logit": (all_sum - pos_sum) / jnp.maximum(n * (n - 1), 1.0)}
+
+
+def ring_loss(name: str, mesh, axis: str = "data"):
+  """A global-batch loss fn(zimg [B, D], ztxt [B, D], t, b, weights [B] | None) -> (loss,
+  metrics) that runs the ring variant of `name` ('sigmoid' | 'softmax') over `axis` of `mesh`.
+
+  B need not divide by the axis size: the batch is zero-padded to the next multiple and the
+  padding is masked out.
+  """
+  if name not in ("sigmoid", "softmax"):
+    raise ValueError(f"ring_loss: unknown loss {name!r}; use 'sigmoid' or 'softmax'.")
+  size = mesh.shape[axis]
+
+  def local(zimg, ztxt, t, b, weights, valid):
+    if name == "sigmoid":
+      return sigmoid_ring_loss(zimg, ztxt, t, b, weights, valid, axis_name=axis)
+    return softmax_ring_loss(zimg, ztxt, t, weights, valid, axis_name=axis)
+
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(axis), P(axis), P(), P(), P(axis),
+                                                      P(axis)), out_specs=P())
+
+  @functools.wraps(local)
+  def loss_fn(zimg, ztxt, t, b=0.0, weights=None):
+    if zimg.ndim != 2 or zimg.shape != ztxt.shape:
+      raise ValueError(f"zimg and ztxt must both be [B, D] with the same shape; got "
+                       f"{zimg.shape}, {ztxt.shape}.")
+    n = zimg.shape[0]
+    pad = -n % size
+    weights = jnp.ones((n,), zimg.dtype) if weights is None else weights
+    valid = jnp.ones((n,), zimg.dtype)
+    if pad:
+      grow = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+      zimg, ztxt, weights, valid = map(grow, (zimg, ztxt, weights, valid))
+    return sharded(zimg, ztxt, jnp.asarray(t, zimg.dtype), jnp.asarray(b, zimg.dtype),
+                   weights, valid)
+
+  return loss_fn
