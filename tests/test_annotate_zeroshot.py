@@ -5,8 +5,7 @@ the pixels (undoing the [-1, 1] normalisation) and the fake text tower is a bag
 of words with one axis per known word. Expected values are recomputed from the
 planted pixels with brute-force numpy loops.
 """
-import re
-
+import fake_towers
 import ml_collections
 import numpy as np
 import pytest
@@ -21,34 +20,20 @@ D = 24  # = pixels of a [2, 4, 3] image
 AXIS = {"man": 0, "male": 0, "gentleman": 0, "woman": 1, "female": 1, "lady": 1,
         **{o: 2 + i for i, o in enumerate(world.OCCUPATIONS)},
         **{p: 12 + i for i, p in enumerate(world.PROXIES)}, "physician": 22}
-VOCAB = sorted(AXIS)
 BATCH = 8
 T = 10.0
 LABEL_WORDS = {"doctor": ["doctor", "physician"]}
 
 
-class BagOfWords:
-  """encode: word ids (1-based, unknown words -> len(VOCAB) + 1), 0-padded."""
-
-  def encode(self, texts):
-    out = np.zeros((len(texts), 8), np.int32)
-    for row, text in zip(out, texts):
-      ids = [VOCAB.index(w) + 1 if w in AXIS else len(VOCAB) + 1
-             for w in re.findall(r"\w+", text.lower())]
-      row[:len(ids)] = ids
-    return out
+def BagOfWords():  # noqa: N802 (a factory standing in for the class)
+  return fake_towers.BagOfWords(AXIS, 8)
 
 
-def _unit(x):
-  x = np.asarray(x, np.float64)
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+_unit = fake_towers.unit
 
 
 def _params():
-  table = np.zeros((len(VOCAB) + 2, D), np.float32)  # pad and unknown: zero
-  for i, word in enumerate(VOCAB):
-    table[i + 1, AXIS[word]] = 1.0
-  return {"words": table, "t": T}
+  return {"words": fake_towers.word_table(AXIS, D), "t": T}
 
 
 class FakeTowers:

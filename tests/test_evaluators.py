@@ -5,8 +5,7 @@ The fake image tower reads a planted vector out of the pixels (undoing the
 is a bag of words with one axis per known word. Expected values are planted or
 recomputed with brute-force loops.
 """
-import re
-
+import fake_towers
 import ml_collections
 import numpy as np
 import pytest
@@ -17,32 +16,18 @@ D = 16
 AXIS = {"man": 0, "male": 0, "gentleman": 0, "woman": 1, "female": 1, "lady": 1,
         "nurse": 2, "doctor": 3, "librarian": 4, "scientist": 5,
         "cat": 6, "dog": 7, "car": 8, **{f"obj{i}": 9 + i for i in range(7)}}
-VOCAB = sorted(AXIS)
 BATCH = 8
 
 
-class BagOfWords:
-  """encode: word ids (1-based, unknown words -> len(VOCAB) + 1), 0-padded."""
-
-  def encode(self, texts):
-    out = np.zeros((len(texts), 12), np.int32)
-    for row, text in zip(out, texts):
-      ids = [VOCAB.index(w) + 1 if w in AXIS else len(VOCAB) + 1
-             for w in re.findall(r"\w+", text.lower())]
-      row[:len(ids)] = ids
-    return out
+def BagOfWords():  # noqa: N802 (a factory standing in for the class)
+  return fake_towers.BagOfWords(AXIS, 12)
 
 
-def _unit(x):
-  x = np.asarray(x, np.float64)
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+_unit = fake_towers.unit
 
 
 def _word_table():
-  table = np.zeros((len(VOCAB) + 2, D), np.float32)  # pad and unknown: zero
-  for i, word in enumerate(VOCAB):
-    table[i + 1, AXIS[word]] = 1.0
-  return table
+  return fake_towers.word_table(AXIS, D)
 
 
 class FakeTowers:

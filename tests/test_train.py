@@ -200,15 +200,20 @@ def test_sgd_and_adafactor():
 # ---------------------------------------------------------------- train step
 
 
-def test_step_compiles_once_and_data_parallel_equals_single_device():
+def _step_setup():
+  """(config, three batches, model, tx, schedule, initial host state) for train-step tests."""
   config = _config()
   it = _train_iter()
   batches = [{k: v for k, v in next(it).items() if k != "label"} for _ in range(3)]
   model = make_model(config.model)
   tx, schedule = make_optimizer(config.optim, 100, 10)
   init = make_init_fn(model, tx, batches[0]["image"], batches[0]["text"])
-  seed = jax.random.key_data(jax.random.key(0))
-  initial = jax.device_get(jax.jit(init)(seed))
+  initial = jax.device_get(jax.jit(init)(jax.random.key_data(jax.random.key(0))))
+  return config, batches, model, tx, schedule, initial
+
+
+def test_step_compiles_once_and_data_parallel_equals_single_device():
+  config, batches, model, tx, schedule, initial = _step_setup()
   compiles = []
   listener = lambda event, *_, **__: compiles.append(event)  # noqa: E731
   results = {}
@@ -244,13 +249,7 @@ def test_step_compiles_once_and_data_parallel_equals_single_device():
 
 @pytest.mark.parametrize("loss_name", ["sigmoid", "softmax"])
 def test_ring_loss_training_on_8_devices_equals_full_loss_on_one(loss_name):
-  config = _config()
-  it = _train_iter()
-  batches = [{k: v for k, v in next(it).items() if k != "label"} for _ in range(3)]
-  model = make_model(config.model)
-  tx, schedule = make_optimizer(config.optim, 100, 10)
-  init = make_init_fn(model, tx, batches[0]["image"], batches[0]["text"])
-  initial = jax.device_get(jax.jit(init)(jax.random.key_data(jax.random.key(0))))
+  _, batches, model, tx, schedule, initial = _step_setup()
   results = {}
   for impl, devices in (("ring", jax.devices()), ("full", jax.devices()[:1])):
     mesh = make_mesh({"data": -1}, devices=devices)
