@@ -413,3 +413,18 @@ def test_resuming_a_finished_run_restores_it(full_run, tmp_path):
 def test_batch_size_mismatch_is_reported(tmp_path):
   with pytest.raises(ValueError, match="batch_size"):
     train(_config(batch_size=64), str(tmp_path), train_iter=_train_iter(32))
+
+
+def test_step_loop_runs_under_a_transfer_guard(tmp_path, monkeypatch):
+  """The loop above ran with jax.transfer_guard('disallow') around each step; an implicit
+  transfer slipped into that path is an error, not a silent per-step stall."""
+  from siglip_fair.train import loop as loop_lib
+  config = _config()
+  config.total = 3
+
+  def implicit(batch, mesh):  # jnp.asarray of host data: an implicit host-to-device copy
+    return {k: jax.numpy.asarray(v) for k, v in batch.items()}
+
+  monkeypatch.setattr(loop_lib, "global_batch", implicit)
+  with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+    train(config, str(tmp_path), train_iter=_train_iter())

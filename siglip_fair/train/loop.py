@@ -116,11 +116,16 @@ def train(config, workdir: str, *, train_iter, evaluate_fn: Callable | None = No
       except StopIteration:
         raise ValueError(f"train_iter ran out of data at step {step} of {total}; make it "
                          "repeat, or shorten config.total.") from None
-      state, metrics = compiled_step(state, global_batch(_step_inputs(batch), mesh))
+      # The hot path moves data only explicitly (batch placement, metric fetch): an implicit
+      # host<->device transfer here would stall every step, so it raises instead.
+      with jax.transfer_guard("disallow"):
+        state, metrics = compiled_step(state, global_batch(_step_inputs(batch), mesh))
+        logging_step = _due(step, steps.log_every, total)
+        fetched = jax.device_get(metrics) if logging_step else None
       bar.update()
       record = {}
-      if _due(step, steps.log_every, total):
-        record.update(jax.device_get(metrics))
+      if logging_step:
+        record.update(fetched)
         now = time.perf_counter()
         record["steps_per_sec"] = (step - clock_step) / max(now - clock, 1e-9)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
