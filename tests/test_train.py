@@ -372,6 +372,9 @@ def test_training_learns_zero_shot_classes(full_run):
     assert r["examples_seen"] == 32 * r["step"]
     np.testing.assert_allclose(r["lr"], schedule(r["step"] - 1), rtol=1e-5)
     assert r["steps_per_sec"] > 0 and {"t", "b", "grad_norm", "loss"} <= set(r)
+    assert r["examples_per_sec"] == pytest.approx(32 * r["steps_per_sec"])
+  hours = [r["core_hours"] for r in records]
+  assert all(0 < a < b for a, b in zip(hours, hours[1:]))  # cumulative, 8 devices
   evals = {r["step"]: r["zeroshot_acc"] for r in records if "zeroshot_acc" in r}
   assert set(evals) == set(range(20, 121, 20))
   print("zero-shot accuracy by step:", evals)

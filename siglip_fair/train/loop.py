@@ -109,6 +109,7 @@ def train(config, workdir: str, *, train_iter, evaluate_fn: Callable | None = No
   writer = MetricWriter(os.path.join(workdir, "metrics.jsonl"), start) if is_lead else None
   bar = progress_bar(total, start, enabled=bool(config.get("progress", True)) and is_lead)
   clock, clock_step = time.perf_counter(), start
+  step_seconds = 0.0  # training time since this (re)start, evaluation and saving excluded
   try:
     for step in range(start + 1, end + 1):
       try:
@@ -127,7 +128,11 @@ def train(config, workdir: str, *, train_iter, evaluate_fn: Callable | None = No
       if logging_step:
         record.update(fetched)
         now = time.perf_counter()
+        step_seconds += now - clock
         record["steps_per_sec"] = (step - clock_step) / max(now - clock, 1e-9)
+        record["examples_per_sec"] = record["steps_per_sec"] * config.batch_size
+        # Device-hours spent training since this (re)start: the cost figure of scale sweeps.
+        record["core_hours"] = step_seconds * jax.device_count() / 3600.0
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         if bar.disable and config.get("progress", True) and is_lead:
           print(progress_line(step, total, record["steps_per_sec"], record), flush=True)
