@@ -16,6 +16,7 @@ negatives, so the losses equal `losses.sigmoid_loss` / `softmax_loss` on the val
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -112,7 +113,8 @@ def ring_loss(name: str, mesh, axis: str = "data"):
   """
   if name not in ("sigmoid", "softmax"):
     raise ValueError(f"ring_loss: unknown loss {name!r}; use 'sigmoid' or 'softmax'.")
-  size = mesh.shape[axis]
+  # A tuple of axes (e.g. ('data', 'fsdp')) is one ring over their flattened devices.
+  size = math.prod(mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,)))
 
   def local(zimg, ztxt, t, b, weights, valid):
     if name == "sigmoid":

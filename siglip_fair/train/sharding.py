@@ -1,9 +1,17 @@
 """Device mesh, batch placement and regex sharding rules for the train state.
 
+Mesh axes (`config.mesh`, sizes multiply to the device count):
+  data: pure data parallelism (parameters replicated across it);
+  fsdp: data parallelism whose parameters and optimizer state are split across it as well
+    (ZeRO-3 style: XLA all-gathers each weight where it is used and reduce-scatters gradients).
+The batch is split over every batch axis present (`BATCH_AXES`), so {'data': 2, 'fsdp': 4}
+feeds 8 different row blocks.
+
 The state is placed by `config.sharding_rules`, an ordered list of (regex, rule) pairs matched
 against each leaf's path (e.g. 'params/img/Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel',
-'opt_state/1/0/mu/img/...'); the first full match wins. Only 'replicate' exists today; FSDP or
-tensor-parallel rules become further entries of `RULES` without touching the train step.
+'opt_state/1/0/mu/img/...'); the first full match wins. Rules: 'replicate', and 'fsdp' (the
+largest dimension divisible by the fsdp axis is split over it; leaves with none, and every leaf
+on a mesh without an fsdp axis, are replicated).
 """
 from __future__ import annotations
 
@@ -16,7 +24,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from siglip_fair.train.state import tree_names
 
-DEFAULT_RULES = ((".*", "replicate"),)
+# 'fsdp' degrades to replication without an fsdp axis, so one default serves every mesh.
+DEFAULT_RULES = ((".*", "fsdp"),)
+BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(mesh_cfg=None, devices=None) -> Mesh:
@@ -45,15 +55,29 @@ def make_mesh(mesh_cfg=None, devices=None) -> Mesh:
                        devices=devices)
 
 
-def batch_sharding(mesh: Mesh, axis: str = "data") -> NamedSharding:
-  """Leading (batch) dimension split over `axis`, the rest replicated."""
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The mesh axes the batch is split over: those of `BATCH_AXES` the mesh has, in mesh order."""
+  axes = tuple(a for a in mesh.axis_names if a in BATCH_AXES)
+  if not axes:
+    raise ValueError(f"mesh axes {mesh.axis_names} include no batch axis; add one of "
+                     f"{BATCH_AXES} to config.mesh (e.g. {{'data': -1}}).")
+  return axes
+
+
+def batch_sharding(mesh: Mesh, axis=None) -> NamedSharding:
+  """Leading (batch) dimension split over `axis` (default: all batch axes), the rest replicated."""
+  axis = batch_axes(mesh) if axis is None else axis
+  if isinstance(axis, tuple) and len(axis) == 1:
+    axis = axis[0]
   return NamedSharding(mesh, P(axis))
 
 
-def global_batch(local_batch: dict, mesh: Mesh, axis: str = "data") -> dict:
-  """Process-local numpy arrays [b, ...] -> global jax.Arrays [b * processes, ...] on `axis`."""
+def global_batch(local_batch: dict, mesh: Mesh, axis=None) -> dict:
+  """Process-local numpy arrays [b, ...] -> global jax.Arrays [b * processes, ...] split over
+  `axis` (default: all batch axes)."""
   sharding = batch_sharding(mesh, axis)
-  size = mesh.shape[axis]
+  axis = sharding.spec[0]
+  size = math.prod(mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,)))
   out = {}
   for key, x in local_batch.items():
     x = np.asarray(x)
@@ -71,7 +95,20 @@ def _replicate(mesh: Mesh, shape) -> P:
   return P()
 
 
-RULES = {"replicate": _replicate}
+def _fsdp(mesh: Mesh, shape) -> P:
+  size = dict(mesh.shape).get("fsdp", 1)
+  if size == 1:
+    return P()
+  # The largest dimension spreads the bytes most evenly; ties go to the last (the output
+  # features of a kernel), whose gather XLA overlaps with the preceding matmul just as well.
+  candidates = [(d, i) for i, d in enumerate(shape) if d % size == 0]
+  if not candidates:
+    return P()
+  _, dim = max(candidates)
+  return P(*([None] * dim), "fsdp")
+
+
+RULES = {"replicate": _replicate, "fsdp": _fsdp}
 
 
 def state_shardings(abstract_state, mesh: Mesh, rules=DEFAULT_RULES):
