@@ -55,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=(name != "demo"),
                    default=("workdir/demo" if name == "demo" else None),
                    help="output folder; reruns resume from what is already there.")
+    group = p.add_argument_group(
+        "multi-host", "Join a multi-process JAX job before anything else runs (off by default).")
+    group.add_argument("--distributed", action="store_true",
+                       help="auto-detect the job (Cloud TPU pods, SLURM, Open MPI).")
+    group.add_argument("--coordinator", default=None, help="process 0's HOST:PORT (manual).")
+    group.add_argument("--num_processes", type=int, default=None)
+    group.add_argument("--process_id", type=int, default=None)
   return parser
 
 
@@ -103,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"siglip-fair: config error: {e}", file=sys.stderr)
     return 2
   try:
+    if args.distributed or args.coordinator is not None:
+      from siglip_fair.train import distributed
+      distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     _commands()[args.command](config, args.workdir)
   except (ValueError, FileNotFoundError) as e:
     # Library errors carry a message naming the problem; a traceback adds nothing for users.
