@@ -40,8 +40,11 @@ def get_config(arg=None):
 
   # train
   c.loss = arg.loss
-  # 'full': [B, B] logits under jit; 'ring': chunked across the data axis (train/ring_losses.py).
+  # 'full': [B, B] logits under jit; 'ring': chunked across the batch axes of the mesh
+  # (train/ring_losses.py); 'chunked': blocks of loss_chunk rows inside each device
+  # (train/chunked_losses.py), for big batches on one accelerator.
   c.loss_impl = "full"
+  c.loss_chunk = 1024
   c.batch_size = arg.batch
   c.total = str(arg.steps)
   c.warmup = "5%"

@@ -15,7 +15,8 @@ import jax
 import numpy as np
 
 from siglip_fair import annotate
-from siglip_fair.data import builder, pipeline, world
+from siglip_fair.config.durations import resolve_steps
+from siglip_fair.data import builder, pipeline, versions, world
 from siglip_fair.data.tokenizer import Tokenizer, train_sentencepiece
 from siglip_fair.io import atomic_savez, atomic_write
 
@@ -203,9 +204,31 @@ def make_evaluators(config, data: Data, model, *, bootstrap: bool):
   return ev.build_evaluators(evals, context)
 
 
+def version_config(config, workdir: str, version: str):
+  """The config that builds data `version`: 'balanced_proxies' adds the proxy constraints to
+  `config.balance` and keeps its M4 outputs in '<balance_dir>_proxies'."""
+  if version != "balanced_proxies":
+    return config
+  config = config.copy_and_resolve_references()
+  config.balance.use_proxies = True
+  config.balance_dir = balance_dir(config, workdir).rstrip(os.sep) + "_proxies"
+  return config
+
+
+def version_keep(config, workdir: str, data: Data, version: str) -> np.ndarray | None:
+  """Keep mask (or repeat counts with `balance.repeats`) of data `version`; None = all."""
+  if version == "baseline":
+    return None
+  config = version_config(config, workdir, version)
+  result = balance(config, workdir, data)
+  # Repeat counts (E[r] = q / η) give a balanced set the size of the baseline's.
+  return result["repeats"] if config.balance.get("repeats", False) else result["keep"]
+
+
 def train_and_evaluate(config, workdir: str, *, data: Data | None = None,
                        stop_after: int | None = None) -> dict[str, float]:
-  """Trains one model on `config.data_version` data and evaluates it; returns final metrics.
+  """Trains one model on `config.data_version` data (one version or a schedule, see
+  `data/versions.py`) and evaluates it; returns final metrics.
 
   Writes to `workdir`: checkpoints/, metrics.jsonl (training curves with RB/AB over training)
   and eval.json (final metrics with bootstrap intervals).
@@ -215,19 +238,21 @@ def train_and_evaluate(config, workdir: str, *, data: Data | None = None,
   from siglip_fair.train import loop
   os.makedirs(workdir, exist_ok=True)
   data = data or prepare_data(config, workdir)
-  keep = None
-  if config.data_version == "balanced":
-    result = balance(config, workdir, data)
-    # Repeat counts (E[r] = q / η) give a balanced set the size of the baseline's.
-    keep = result["repeats"] if config.balance.get("repeats", False) else result["keep"]
-  elif config.data_version != "baseline":
-    raise ValueError(f"data_version={config.data_version!r}; use 'baseline' or 'balanced'.")
+  num_examples = len(data.sources["train"])
+  # Durations in epochs count baseline-sized epochs for every version: runs on balanced data
+  # see as many examples as the baseline run (the smaller set is repeated more often).
+  steps = resolve_steps(config, num_examples)
+  schedule = versions.schedule_steps(config.data_version, batch_size=config.batch_size,
+                                     total_steps=steps.total_steps, num_examples=num_examples)
+  iterators = {v: train_iterator(config, data, version_keep(config, workdir, data, v))
+               for v in dict(schedule)}
+  train_iter = (iterators[schedule[0][0]] if len(schedule) == 1
+                else versions.ScheduledIterator(iterators, schedule))
   model = make_model(config.model)
   curve_evals = make_evaluators(config, data, model, bootstrap=False)
-  state = loop.train(config, workdir, train_iter=train_iterator(config, data, keep),
+  state = loop.train(config, workdir, train_iter=train_iter,
                      evaluate_fn=lambda params, step: ev.run_all(curve_evals, params),
-                     num_examples=len(data.sources["train"]) if keep is None else int(keep.sum()),
-                     stop_after=stop_after)
+                     num_examples=num_examples, stop_after=stop_after)
   final = ev.run_all(make_evaluators(config, data, model, bootstrap=True), state.params)
   final["step"] = int(jax.device_get(state.step))
   if jax.process_index() == 0:

@@ -40,22 +40,27 @@ def _reference(name, n, weighted):
   return args, _value_and_grads(_full(name))(*args)
 
 
-def _rel(a, b):
-  """Max abs error relative to the reference's largest entry; exact zeros (B = 1 has no
-  negatives, so CLIP's loss and gradients vanish) are compared at float32 rounding (1e-6)."""
+def _rel(a, b, floor=0.0):
+  """Max abs error relative to max(the reference's largest entry, floor); exact zeros (B = 1
+  has no negatives, so CLIP's loss and gradients vanish) are compared at float32 rounding.
+
+  The t and b gradients are sums of O(1) terms (similarities, probabilities) that can cancel
+  to ~0 (e.g. B = 7 here: dL/dt = 2.8e-6 while both float32 losses are ~3e-8 off the float64
+  value), so they are judged against that O(1) scale (floor=1) rather than their own size."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  err, scale = np.max(np.abs(a - b)), np.max(np.abs(b))
+  err, scale = np.max(np.abs(a - b)), max(np.max(np.abs(b)), floor)
   return err / scale if scale > 0 else err / 1e-1
 
 
-# (B, chunk): one block, chunk > B, chunk 1, even splits and uneven (padded) last blocks.
-CASES = [(1, 1), (1, 4), (7, 1), (7, 5), (7, 64), (16, 4), (16, 5), (16, 16), (33, 4),
-         (33, 5), (33, 16), (33, 64)]
+# (B, chunk, weighted): one block, chunk > B, chunk 1, even splits and uneven (padded) last
+# blocks; weighting alternates to keep the number of compilations down.
+CASES = [(1, 1, False), (1, 4, True), (7, 1, True), (7, 5, False), (7, 64, True),
+         (16, 4, False), (16, 5, True), (16, 16, False), (33, 4, True), (33, 5, False),
+         (33, 16, True), (33, 64, False)]
 
 
-@pytest.mark.parametrize("weighted", [True, False])
 @pytest.mark.parametrize("name", ["sigmoid", "softmax"])
-@pytest.mark.parametrize("n, chunk", CASES)
+@pytest.mark.parametrize("n, chunk, weighted", CASES)
 def test_chunked_equals_full_loss_in_value_gradient_and_metrics(name, n, chunk, weighted):
   args, ((want, want_metrics), want_grads) = _reference(name, n, weighted)
   (got, got_metrics), grads = _value_and_grads(chunked_losses.chunked_loss(name, chunk))(*args)
@@ -66,26 +71,27 @@ def test_chunked_equals_full_loss_in_value_gradient_and_metrics(name, n, chunk, 
     if name == "softmax" and i == 3:  # no bias in CLIP: both zero
       assert float(g) == float(e) == 0.0
       continue
-    assert _rel(g, e) <= 1e-5, (name, i)
+    assert _rel(g, e, floor=1.0 if i >= 2 else 0.0) <= 1e-5, (name, i)
 
 
 @pytest.mark.parametrize("name", ["sigmoid", "softmax"])
-def test_direct_functions_and_sharded_inputs(name):
+def test_direct_functions_under_jit_with_sharded_inputs(name):
   zimg, ztxt, weights = _inputs(24, seed=3)
   mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
   shard = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))
   if name == "sigmoid":
-    fn = functools.partial(chunked_losses.sigmoid_chunked_loss, chunk=5)
-    args, full = (T, BIAS, weights), losses.sigmoid_loss
+    chunked = lambda zi, zt, w: chunked_losses.sigmoid_chunked_loss(zi, zt, T, BIAS, w, chunk=5)
+    full = lambda zi, zt, w: losses.sigmoid_loss(zi, zt, T, BIAS, w)
   else:
-    fn = functools.partial(chunked_losses.softmax_chunked_loss, chunk=5)
-    args, full = (T, weights), losses.softmax_loss
-  want = full(zimg, ztxt, *args)[0]
-  got = jax.jit(lambda zi, zt, w: fn(zi, zt, *args[:-1], w)[0])(
+    chunked = lambda zi, zt, w: chunked_losses.softmax_chunked_loss(zi, zt, T, w, chunk=5)
+    full = lambda zi, zt, w: losses.softmax_loss(zi, zt, T, w)
+  (got, _), got_grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True))(
       shard(zimg), shard(ztxt), shard(weights))
+  (want, _), want_grads = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(
+      zimg, ztxt, weights)
   assert _rel(got, want) <= 1e-5
-  grad = jax.jit(jax.grad(lambda zi, zt: fn(zi, zt, *args[:-1])[0]))(shard(zimg), shard(ztxt))
-  assert _rel(grad, jax.grad(lambda zi: full(zi, ztxt, *args[:-1])[0])(zimg)) <= 1e-5
+  for g, e in zip(got_grads, want_grads):
+    assert _rel(g, e) <= 1e-5
 
 
 def _temp_bytes(fn, n, d):

@@ -247,22 +247,24 @@ def test_step_compiles_once_and_data_parallel_equals_single_device():
   np.testing.assert_allclose(metrics["lr"], 3e-3 * 2 / 10, rtol=1e-6)  # lr used at step 2
 
 
-@pytest.mark.parametrize("loss_name", ["sigmoid", "softmax"])
-def test_ring_loss_training_on_8_devices_equals_full_loss_on_one(loss_name):
+@pytest.mark.parametrize("loss_name,impl", [("sigmoid", "ring"), ("softmax", "ring"),
+                                            ("sigmoid", "chunked"), ("softmax", "chunked")])
+def test_ring_and_chunked_training_equals_full_loss_on_one_device(loss_name, impl):
   _, batches, model, tx, schedule, initial = _step_setup()
   results = {}
-  for impl, devices in (("ring", jax.devices()), ("full", jax.devices()[:1])):
+  tested_devices = jax.devices() if impl == "ring" else jax.devices()[:1]
+  for name, devices in ((impl, tested_devices), ("full", jax.devices()[:1])):
     mesh = make_mesh({"data": -1}, devices=devices)
     shardings = state_shardings(initial, mesh)
     state = jax.device_put(initial, shardings)
     step = make_train_step(model, tx, loss_name, schedule=schedule, state_sharding=shardings,
-                           batch_sharding=batch_sharding(mesh), loss_impl=impl)
+                           batch_sharding=batch_sharding(mesh), loss_impl=name, loss_chunk=5)
     curve = []
     for batch in batches:
       state, metrics = step(state, global_batch(batch, mesh))
       curve.append([float(metrics[k]) for k in ("loss", "pos_logit", "neg_logit")])
-    results[impl] = np.asarray(curve)
-  np.testing.assert_allclose(results["ring"], results["full"], rtol=1e-5, atol=1e-6)
+    results[name] = np.asarray(curve)
+  np.testing.assert_allclose(results[impl], results["full"], rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="loss_impl='chunky'"):
     make_train_step(model, tx, loss_name, schedule=schedule, state_sharding=shardings,
                     batch_sharding=batch_sharding(mesh), loss_impl="chunky")

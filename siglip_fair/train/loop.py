@@ -1,7 +1,8 @@
 """The training loop: init or resume, sharded steps, metrics, evaluation, checkpoints.
 
 Config fields read: seed, batch_size (global), total, warmup, log_every, ckpt_every, eval_every
-(durations, see `siglip_fair.config.durations`), keep_ckpts, loss ('sigmoid' | 'softmax'), model,
+(durations, see `siglip_fair.config.durations`), keep_ckpts, loss ('sigmoid' | 'softmax'),
+loss_impl ('full' | 'ring' | 'chunked'), loss_chunk, model,
 optim, mesh (default {'data': -1}), sharding_rules (default replicate all), progress (bool,
 default True; the bar only shows when stderr is a terminal).
 """
@@ -100,7 +101,8 @@ def train(config, workdir: str, *, train_iter, evaluate_fn: Callable | None = No
       for k, v in example.items()}
   step_fn = make_train_step(model, tx, config.get("loss", "sigmoid"), schedule=schedule,
                             state_sharding=shardings, batch_sharding=bsharding,
-                            loss_impl=config.get("loss_impl", "full"))
+                            loss_impl=config.get("loss_impl", "full"),
+                            loss_chunk=config.get("loss_chunk", 1024))
   # Compiled ahead of time, once: a batch or state with any other shape, dtype or sharding
   # raises instead of silently recompiling.
   compiled_step = step_fn.lower(abstract_state, abstract_batch).compile()
@@ -129,6 +131,8 @@ def train(config, workdir: str, *, train_iter, evaluate_fn: Callable | None = No
       record = {}
       if logging_step:
         record.update(fetched)
+        if "data_version" in batch:  # from a data schedule (data/versions.py)
+          record["data_version"] = str(batch["data_version"])
         now = time.perf_counter()
         step_seconds += now - clock
         record["steps_per_sec"] = (step - clock_step) / max(now - clock, 1e-9)

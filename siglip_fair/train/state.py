@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from siglip_fair.train import ring_losses
+from siglip_fair.train import chunked_losses, ring_losses
 from siglip_fair.train.losses import LOSS_NAMES, contrastive_loss
 
 
@@ -60,11 +60,13 @@ def make_init_fn(model, tx: optax.GradientTransformation, image, text) -> Callab
 
 def make_train_step(model, tx: optax.GradientTransformation, loss_name: str, *,
                     schedule: Callable, state_sharding, batch_sharding,
-                    loss_impl: str = "full") -> Callable:
+                    loss_impl: str = "full", loss_chunk: int = 1024) -> Callable:
   """Jitted `step(state, batch) -> (state, metrics)`; the input state's buffers are donated.
 
-  loss_impl: 'full' (the [B, B] logits under jit) or 'ring' (`ring_losses`: text blocks passed
-  round the batch axis of the mesh, O((B / devices)²) memory per device; same value).
+  loss_impl: 'full' (the [B, B] logits under jit), 'ring' (`ring_losses`: text blocks passed
+  round the batch axes of the mesh, O((B / devices)²) memory per device) or 'chunked'
+  (`chunked_losses`: blocks of `loss_chunk` image rows scored in turn, O(loss_chunk · B) memory,
+  for one large device); all give the same value.
 
   batch: {'image' f32 [B, H, W, 3], 'text' i32 [B, L], optional 'weight' f32 [B]} global arrays
   sharded by `batch_sharding`. metrics: replicated scalars loss, lr, t, b, grad_norm,
@@ -72,12 +74,16 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_name: str, *,
   """
   if loss_name not in LOSS_NAMES:
     raise ValueError(f"config.loss={loss_name!r}; use one of {LOSS_NAMES}.")
-  if loss_impl not in ("full", "ring"):
-    raise ValueError(f"config.loss_impl={loss_impl!r}; use 'full' or 'ring'.")
+  if loss_impl not in ("full", "ring", "chunked"):
+    raise ValueError(f"config.loss_impl={loss_impl!r}; use 'full', 'ring' or 'chunked'.")
   if loss_impl == "ring":
     axis = batch_sharding.spec[0]
     ring = ring_losses.ring_loss(loss_name, batch_sharding.mesh, axis=axis)
     compute_loss = lambda zimg, ztxt, extras, w: ring(zimg, ztxt, extras["t"], extras["b"], w)
+  elif loss_impl == "chunked":
+    chunked = chunked_losses.chunked_loss(loss_name, loss_chunk)
+    compute_loss = lambda zimg, ztxt, extras, w: chunked(zimg, ztxt, extras["t"], extras["b"],
+                                                         w)
   else:
     compute_loss = lambda zimg, ztxt, extras, w: contrastive_loss(loss_name, zimg, ztxt, extras,
                                                                   w)
