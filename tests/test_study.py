@@ -131,3 +131,18 @@ def test_zero_shot_image_annotations_from_a_trained_checkpoint(trained, tmp_path
   accuracy = np.mean(np.argmax(ann["s"][people], 1) == np.argmax(truth["s"][people], 1))
   assert report["zeroshot/s/accuracy"] == pytest.approx(accuracy)
   assert accuracy > 0.8  # the tint cue is learnt in 300 steps
+
+
+def test_data_schedule_switches_to_proxy_balanced_data(data_dir, tmp_path):
+  cfg = small_config(data_dir, "steps=6,variant=mu/8,batch=32,depth=1")
+  cfg.data_version = "baseline->balanced_proxies@50%"
+  cfg.balance.pi, cfg.balance.eta = (0.5, 0.5), 0.7
+  cfg.log_every, cfg.eval_every = "1", "100%"
+  study.train_and_evaluate(cfg, str(tmp_path))
+  with open(tmp_path / "metrics.jsonl") as f:
+    assert [json.loads(line)["data_version"] for line in f] == (
+        ["baseline"] * 3 + ["balanced_proxies"] * 3)
+  assert not os.path.exists(tmp_path / "balance")  # only the version in use was balanced
+  with open(tmp_path / "balance_proxies" / "card.json") as f:
+    card = json.load(f)
+  assert card["settings"]["use_proxies"] is True
