@@ -17,7 +17,8 @@ from siglip_fair.models import embed_fns, make_model
 from siglip_fair.train import checkpoint
 from siglip_fair.train.loop import train
 from siglip_fair.train.optim import decay_mask, make_optimizer, make_schedule
-from siglip_fair.train.progress import MetricWriter, read_metrics
+from siglip_fair.train.flops import mfu, peak_flops, step_flops
+from siglip_fair.train.progress import MetricWriter, TensorBoardWriter, read_metrics
 from siglip_fair.train.sharding import (batch_sharding, global_batch, make_mesh,
                                         state_shardings)
 from siglip_fair.train.state import TrainState, make_init_fn, make_train_step
@@ -342,6 +343,34 @@ def test_metric_writer_drops_lines_past_the_resume_step(tmp_path):
   assert read_metrics(path)[-1]["nan"] == "nan"
 
 
+def _tensorboard_scalars(logdir, tag):
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(str(logdir), purge_orphaned_data=True)
+  acc.Reload()
+  return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def test_tensorboard_writer_purges_points_past_the_resume_step(tmp_path):
+  writer = TensorBoardWriter(str(tmp_path))
+  for step in (10, 20, 30):
+    writer.write(step, {"loss": step / 10, "name": "baseline", "vector": np.ones(3)})
+  writer.close()
+  writer = TensorBoardWriter(str(tmp_path), resume_step=20)  # killed after its step-20 save
+  writer.write(30, {"loss": 9.0})
+  writer.close()
+  assert _tensorboard_scalars(tmp_path, "loss") == [(10, 1.0), (20, 2.0), (30, 9.0)]
+
+
+def test_flops_and_mfu():
+  m, k, n = 64, 128, 32
+  compiled = jax.jit(jnp.matmul).lower(jnp.ones((m, k)), jnp.ones((k, n))).compile()
+  assert step_flops(compiled) == 2 * m * k * n  # one multiply and one add per term
+  h100 = type("Device", (), {"device_kind": "NVIDIA H100 80GB HBM3"})()
+  assert peak_flops(h100) == 989e12 and peak_flops(jax.devices()[0]) is None
+  assert peak_flops(jax.devices()[0], override=1e12) == 1e12
+  assert mfu(1e12, 2.0, 4e12) == 0.5 and mfu(None, 2.0, 4e12) is None
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -351,7 +380,7 @@ def full_run(tmp_path_factory):
 
   Returns (config, workdir, final state, {step: params} snapshots taken at evaluations).
   """
-  config = _config(eval_every=20)
+  config = _config(eval_every=20, peak_flops=1e12)
   embed_images, embed_texts = embed_fns(make_model(config.model))
   snapshots = {}
 
@@ -382,6 +411,19 @@ def test_training_learns_zero_shot_classes(full_run):
   print("zero-shot accuracy by step:", evals)
   assert evals[120] >= 0.8  # chance is 1/8
   assert records[-1]["loss"] < records[0]["loss"]
+  # TensorBoard holds the same curve (as float32).
+  np.testing.assert_allclose(_tensorboard_scalars(os.path.join(workdir, "tensorboard"), "loss"),
+                             [(r["step"], r["loss"]) for r in records], rtol=1e-6)
+  # MFU = step FLOPs x steps/s / peak: the FLOPs it implies are the same at every log step and
+  # match the closed form for training a transformer: 6 FLOPs per parameter per token (forward
+  # 2, backward 4), here 16 patches for the image tower and 2 tokens for the text tower.
+  implied = np.array([r["mfu"] * config.peak_flops / r["steps_per_sec"] for r in records])
+  np.testing.assert_allclose(implied, implied[0], rtol=1e-6)
+  size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+  per_example = 6 * (16 * size(state.params["img"]) + 2 * size(state.params["txt"]))
+  closed_form = per_example * 32 / jax.device_count()  # per device: 1/8 of the batch
+  print("step FLOPs per device / closed form:", implied[0] / closed_form)
+  assert 0.8 < implied[0] / closed_form < 1.5  # attention scores, norms, loss come on top
 
 
 def _logged(workdir):

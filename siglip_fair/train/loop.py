@@ -4,7 +4,9 @@ Config fields read: seed, batch_size (global), total, warmup, log_every, ckpt_ev
 (durations, see `siglip_fair.config.durations`), keep_ckpts, loss ('sigmoid' | 'softmax'),
 loss_impl ('full' | 'ring' | 'chunked'), loss_chunk, model,
 optim, mesh (default {'data': -1}), sharding_rules (default replicate all), progress (bool,
-default True; the bar only shows when stderr is a terminal).
+default True; the bar only shows when stderr is a terminal), tensorboard (bool, default True:
+summaries in <workdir>/tensorboard), peak_flops (per-device FLOP/s for MFU when the device is
+not in `flops.PEAK_FLOPS`).
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ from siglip_fair.config.durations import resolve_steps
 from siglip_fair.models.two_tower import make_model
 from siglip_fair.train import checkpoint
 from siglip_fair.train.optim import make_optimizer
-from siglip_fair.train.progress import MetricWriter, progress_bar, progress_line
+from siglip_fair.train import flops as flops_lib
+from siglip_fair.train.progress import (MetricWriter, TensorBoardWriter, progress_bar,
+                                        progress_line)
 from siglip_fair.train.sharding import (DEFAULT_RULES, batch_sharding, global_batch, make_mesh,
                                         state_shardings)
 from siglip_fair.train.state import TrainState, make_init_fn, make_train_step
@@ -106,9 +110,13 @@ def train(config, workdir: str, *, train_iter, evaluate_fn: Callable | None = No
   # Compiled ahead of time, once: a batch or state with any other shape, dtype or sharding
   # raises instead of silently recompiling.
   compiled_step = step_fn.lower(abstract_state, abstract_batch).compile()
+  step_flops = flops_lib.step_flops(compiled_step)
+  peak = flops_lib.peak_flops(jax.devices()[0], config.get("peak_flops"))
 
   is_lead = jax.process_index() == 0
   writer = MetricWriter(os.path.join(workdir, "metrics.jsonl"), start) if is_lead else None
+  tb = (TensorBoardWriter(os.path.join(workdir, "tensorboard"), start)
+        if is_lead and config.get("tensorboard", True) else None)
   bar = progress_bar(total, start, enabled=bool(config.get("progress", True)) and is_lead)
   clock, clock_step = time.perf_counter(), start
   step_seconds = 0.0  # training time since this (re)start, evaluation and saving excluded
@@ -139,6 +147,9 @@ def train(config, workdir: str, *, train_iter, evaluate_fn: Callable | None = No
         record["examples_per_sec"] = record["steps_per_sec"] * config.batch_size
         # Device-hours spent training since this (re)start: the cost figure of scale sweeps.
         record["core_hours"] = step_seconds * jax.device_count() / 3600.0
+        utilisation = flops_lib.mfu(step_flops, record["steps_per_sec"], peak)
+        if utilisation is not None:
+          record["mfu"] = utilisation
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         if bar.disable and config.get("progress", True) and is_lead:
           print(progress_line(step, total, record["steps_per_sec"], record), flush=True)
@@ -146,6 +157,8 @@ def train(config, workdir: str, *, train_iter, evaluate_fn: Callable | None = No
         record.update(evaluate_fn(state.params, step))
       if record and writer is not None:
         writer.write(step, {"examples_seen": step * config.batch_size, **record})
+      if record and tb is not None:
+        tb.write(step, record)
       if _due(step, steps.ckpt_every, total) or step == end:
         checkpoint.save(manager, state, train_iter)
       if record or step % steps.ckpt_every == 0:
@@ -154,6 +167,7 @@ def train(config, workdir: str, *, train_iter, evaluate_fn: Callable | None = No
     manager.wait_until_finished()
     manager.close()
     bar.close()
-    if writer is not None:
-      writer.close()
+    for w in (writer, tb):
+      if w is not None:
+        w.close()
   return state

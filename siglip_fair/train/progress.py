@@ -1,4 +1,4 @@
-"""Metric logging (JSON lines) and a terminal progress bar."""
+"""Metric logging (JSON lines and TensorBoard) and a terminal progress bar."""
 from __future__ import annotations
 
 import json
@@ -6,6 +6,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 
 import numpy as np
 import tqdm
@@ -58,6 +59,38 @@ class MetricWriter:
 
   def close(self):
     self._file.close()
+
+
+class TensorBoardWriter:
+  """Scalar summaries in a TensorBoard event file under `logdir` (no TensorFlow needed).
+
+  A resumed run first writes a SessionLog START at `resume_step + 1`: TensorBoard then discards
+  the points from that step on that a run killed after its last checkpoint had already logged.
+  """
+
+  def __init__(self, logdir: str, resume_step: int = 0):
+    from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter  # pylint: disable=g-import-not-at-top
+    self._event_pb2 = event_pb2
+    self._writer = EventFileWriter(logdir)
+    if resume_step:
+      self._writer.add_event(event_pb2.Event(
+          wall_time=time.time(), step=int(resume_step) + 1, session_log=event_pb2.SessionLog(
+              status=event_pb2.SessionLog.START)))
+
+  def write(self, step: int, metrics: dict):
+    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
+    values = []
+    for name, value in metrics.items():
+      value = np.asarray(value)
+      if value.ndim == 0 and np.issubdtype(value.dtype, np.number):
+        values.append(summary_pb2.Summary.Value(tag=name, simple_value=float(value)))
+    if values:
+      self._writer.add_event(self._event_pb2.Event(
+          wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)))
+
+  def close(self):
+    self._writer.close()
 
 
 def read_metrics(path: str) -> list[dict]:
