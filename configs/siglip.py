@@ -59,6 +59,8 @@ def get_config(arg=None):
       text=dict(variant=arg.text, vocab_size=c.tokenizer.vocab_size, max_len=c.tokenizer.max_len,
                 pool="last", **overrides),
       embed_dim=arg.embed,
+      head="linear",  # linear | mlp | none (see models/two_tower.py)
+      dtype="float32",  # compute dtype; 'bfloat16' on accelerators (parameters stay float32)
       t_init=10.0 if arg.loss == "sigmoid" else 1 / 0.07,
       b_init=-10.0 if arg.loss == "sigmoid" else None,
   ))

@@ -194,3 +194,24 @@ def test_bad_model_config_raises():
   with pytest.raises(ValueError, match="max_len"):
     jax.eval_shape(make_model(_config()).init, jax.random.key(0), None,
                    np.ones((1, 7), np.int32))
+
+
+def test_projection_heads():
+  images, tokens = np.zeros((2, 8, 8, 3), np.float32), np.ones((2, 6), np.int32)
+  params = {h: jax.eval_shape(make_model(_config(head=h, embed_dim=32)).init, jax.random.key(0),
+                              images, tokens)["params"] for h in ("linear", "mlp", "none")}
+  assert params["linear"]["img_head"]["kernel"].shape == (32, 32)
+  assert params["mlp"]["img_head_hidden"]["kernel"].shape == (32, 32)
+  assert "img_head" not in params["none"] and "txt_head" not in params["none"]
+  # 'none': the embedding is the L2-normalised pooled tower output itself.
+  model = make_model(_config(head="none", embed_dim=32))
+  variables = model.init(jax.random.key(0), images, tokens)
+  zimg, _, extras = model.apply(variables, images, tokens)
+  pooled = extras["img/pre_logits"]
+  np.testing.assert_allclose(zimg, pooled / np.linalg.norm(pooled, axis=-1, keepdims=True),
+                             rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="embed_dim \\(16\\) equal to the tower width"):
+    jax.eval_shape(make_model(_config(head="none", embed_dim=16)).init, jax.random.key(0),
+                   images, tokens)
+  with pytest.raises(ValueError, match="head"):
+    make_model(_config(head="deep"))

@@ -4,6 +4,8 @@ config.model = dict(
     image=dict(variant='mu/4', pool='gap', posemb='learn'),   # + width/depth/mlp_dim/num_heads
     text=dict(variant='mu', vocab_size=..., max_len=16, pool='last'),
     embed_dim=64,        # shared embedding width, independent of the towers' widths
+    head='linear',       # projection into it: 'linear', 'mlp' (hidden layer of the tower's
+                         # width, GELU) or 'none' (identity; embed_dim = both towers' widths)
     t_init=10.0,         # initial temperature (SigLIP 10; CLIP 1/0.07)
     b_init=-10.0,        # initial logit bias (SigLIP -10); None = no bias (CLIP)
     dtype='float32',     # compute dtype ('bfloat16' on accelerators); parameters stay float32
@@ -23,6 +25,7 @@ from siglip_fair.models.variants import OVERRIDABLE, decode_variant
 from siglip_fair.models.vit import ViT
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+HEADS = ("linear", "mlp", "none")
 
 
 def l2_normalize(z, eps: float = 1e-8):
@@ -41,6 +44,7 @@ class TwoTower(nn.Module):
   img: nn.Module
   txt: nn.Module
   embed_dim: int
+  head: str = "linear"
   t_init: float = 10.0
   b_init: float | None = -10.0
   dtype: Any = jnp.float32
@@ -57,14 +61,23 @@ class TwoTower(nn.Module):
     if image is not None:
       pooled, _ = self.img(image, train=train)
       extras["img/pre_logits"] = pooled
-      z = nn.Dense(self.embed_dim, dtype=self.dtype, name="img_head")(pooled)
-      zimg = l2_normalize(z.astype(jnp.float32))
+      zimg = l2_normalize(self._project(pooled, "img_head").astype(jnp.float32))
     if text is not None:
       pooled, _ = self.txt(text, train=train)
       extras["txt/pre_logits"] = pooled
-      z = nn.Dense(self.embed_dim, dtype=self.dtype, name="txt_head")(pooled)
-      ztxt = l2_normalize(z.astype(jnp.float32))
+      ztxt = l2_normalize(self._project(pooled, "txt_head").astype(jnp.float32))
     return zimg, ztxt, extras
+
+  def _project(self, pooled, name):
+    if self.head == "none":
+      if pooled.shape[-1] != self.embed_dim:
+        raise ValueError(f"model.head='none' needs embed_dim ({self.embed_dim}) equal to the "
+                         f"tower width ({pooled.shape[-1]}); use head='linear' otherwise.")
+      return pooled
+    if self.head == "mlp":
+      hidden = nn.Dense(pooled.shape[-1], dtype=self.dtype, name=f"{name}_hidden")(pooled)
+      pooled = nn.gelu(hidden)
+    return nn.Dense(self.embed_dim, dtype=self.dtype, name=name)(pooled)
 
 
 def _sizes(tower_cfg, *, need_patch: bool) -> dict:
@@ -95,7 +108,10 @@ def make_model(config) -> TwoTower:
   if t_init <= 0:
     raise ValueError(f"config.model.t_init must be > 0 (it is a temperature), got {t_init}.")
   b_init = config.get("b_init", -10.0)
-  return TwoTower(img=img, txt=txt, embed_dim=int(config["embed_dim"]), t_init=t_init,
+  head = config.get("head", "linear")
+  if head not in HEADS:
+    raise ValueError(f"config.model.head={head!r}; use one of {HEADS}.")
+  return TwoTower(img=img, txt=txt, embed_dim=int(config["embed_dim"]), head=head, t_init=t_init,
                   b_init=None if b_init is None else float(b_init), dtype=dtype)
 
 
