@@ -469,8 +469,8 @@ def test_step_loop_runs_under_a_transfer_guard(tmp_path, monkeypatch):
   config = _config()
   config.total = 3
 
-  def implicit(batch, mesh):  # jnp.asarray of host data: an implicit host-to-device copy
-    return {k: jax.numpy.asarray(v) for k, v in batch.items()}
+  def implicit(batch, mesh):  # host arrays handed to the step: an implicit host-to-device copy
+    return {k: np.asarray(v) for k, v in batch.items()}
 
   monkeypatch.setattr(loop_lib, "global_batch", implicit)
   with pytest.raises(Exception, match="Disallowed host-to-device transfer"):

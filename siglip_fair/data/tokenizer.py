@@ -18,6 +18,7 @@ from siglip_fair.io import atomic_write
 PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
+EOS_MODES = ("none", "yes", "sticky")
 
 
 def train_sentencepiece(
@@ -74,14 +75,25 @@ def train_sentencepiece(
 class Tokenizer:
   """Fixed-length SentencePiece encoder; the model is loaded once.
 
+  `eos` and `pad_id` follow big_vision's `tokenize(eos=..., pad_value=...)`:
+    'none': pieces only, truncated to max_len;
+    'yes': pieces + EOS, then truncated (a too-long text loses its EOS);
+    'sticky' (default): pieces + EOS, truncated so that EOS stays the last token.
+  Rows are filled up with `pad_id`: 0 (default) or the EOS id. big_vision's SigLIP
+  checkpoints were trained with eos='sticky', pad_id=eos_id (use them with the text tower's
+  padding='none'); the defaults suit padding='mask'.
+
   Attributes:
     max_len: L, the length of every encoded row.
     vocab_size: number of pieces (embedding table size).
   """
 
-  def __init__(self, model_path: str, max_len: int):
+  def __init__(self, model_path: str, max_len: int, *, eos: str = "sticky",
+               pad_id: int = PAD_ID):
     if max_len < 1:
       raise ValueError(f"max_len={max_len} must be >= 1 (room for EOS).")
+    if eos not in EOS_MODES:
+      raise ValueError(f"eos={eos!r}; use one of {EOS_MODES}.")
     if not os.path.isfile(model_path):
       raise ValueError(
           f"SentencePiece model {model_path!r} does not exist; train one with "
@@ -103,22 +115,30 @@ class Tokenizer:
     self.max_len = max_len
     self.eos_id = self._sp.eos_id()
     self.vocab_size = self._sp.get_piece_size()
+    if pad_id not in (PAD_ID, self.eos_id):
+      raise ValueError(f"pad_id={pad_id}; use {PAD_ID} (padding) or {self.eos_id} (EOS).")
+    self.eos = eos
+    self.pad_id = pad_id
 
   def encode(self, texts: Sequence[str | bytes]) -> np.ndarray:
-    """Encodes texts to int32 [N, max_len]: pieces, EOS, then 0-padding.
+    """Encodes texts to int32 [N, max_len]: pieces, EOS, then padding (see `eos`, `pad_id`).
 
-    Longer texts are truncated so that EOS stays the last token.
+    With the defaults, longer texts are truncated so that EOS stays the last token.
     """
     if isinstance(texts, (str, bytes)):
       raise ValueError("encode expects a sequence of texts, got a single "
                        "string; wrap it in a list.")
     texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t)
              for t in texts]
-    out = np.zeros((len(texts), self.max_len), np.int32)
+    out = np.full((len(texts), self.max_len), self.pad_id, np.int32)
     for row, ids in zip(out, self._sp.encode(texts, out_type=int)):
-      ids = ids[: self.max_len - 1]
+      if self.eos == "sticky":
+        ids = ids[: self.max_len - 1] + [self.eos_id]
+      elif self.eos == "yes":
+        ids = (ids + [self.eos_id])[: self.max_len]
+      else:
+        ids = ids[: self.max_len]
       row[: len(ids)] = ids
-      row[len(ids)] = self.eos_id
     return out
 
   def decode(self, tokens: np.ndarray) -> list[str]:

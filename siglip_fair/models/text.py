@@ -1,4 +1,9 @@
-"""Text transformer tower. Token id 0 is padding: it is never attended to nor pooled."""
+"""Text transformer tower.
+
+With padding='mask' (the default) token id 0 is padding: it is never attended to nor pooled.
+padding='none' reproduces big_vision's text tower, which has no attention mask and pools over
+every position (its SigLIP tokenizer pads with EOS, so position -1 is an EOS token).
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -9,6 +14,7 @@ import jax.numpy as jnp
 from siglip_fair.models.vit import Encoder, MAPHead
 
 TEXT_POOLS = ("last", "first", "map", "gap")
+TEXT_PADDINGS = ("mask", "none")
 
 
 class TextTransformer(nn.Module):
@@ -16,7 +22,8 @@ class TextTransformer(nn.Module):
 
   Pooling: 'last' = the last non-padding token (an EOS-style summary; the tokenizer pads on the
   right), 'first' = position 0, 'gap' = mean over non-padding tokens, 'map' = attention pooling
-  over non-padding tokens.
+  over non-padding tokens. With padding='none' no token counts as padding: nothing is masked,
+  'last' is position L-1, 'gap' and 'map' cover all L positions (big_vision semantics).
   """
   vocab_size: int
   max_len: int
@@ -25,6 +32,7 @@ class TextTransformer(nn.Module):
   mlp_dim: int
   num_heads: int
   pool: str = "last"
+  padding: str = "mask"
   dropout: float = 0.0
   dtype: Any = jnp.float32
 
@@ -36,6 +44,10 @@ class TextTransformer(nn.Module):
       raise ValueError(
           f"text must be int tokens [B, L] with L <= model.text.max_len={self.max_len}; "
           f"got shape {text.shape}.")
+    if self.padding not in TEXT_PADDINGS:
+      raise ValueError(f"model.text.padding={self.padding!r}; use one of {TEXT_PADDINGS} "
+                       "('none' for big_vision checkpoints).")
+    masked = self.padding == "mask"
     valid = text != 0
     x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype,
                  embedding_init=nn.initializers.normal(stddev=self.width ** -0.5),
@@ -46,15 +58,19 @@ class TextTransformer(nn.Module):
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     # Only keys are masked: padded query rows still see the valid tokens, so nothing is NaN even
     # for an all-padding (empty) caption, and padded positions are dropped at pooling.
-    mask = valid[:, None, None, :]
+    mask = valid[:, None, None, :] if masked else None
     x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout, self.dtype,
                 name="Encoder_0")(x, mask, train=train)
     if self.pool == "first":
       pooled = x[:, 0]
+    elif self.pool == "last" and not masked:
+      pooled = x[:, -1]
     elif self.pool == "last":
       positions = jnp.arange(text.shape[1])
       last = jnp.max(jnp.where(valid, positions, 0), axis=1)
       pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    elif self.pool == "gap" and not masked:
+      pooled = jnp.mean(x, axis=1)
     elif self.pool == "gap":
       count = jnp.maximum(valid.sum(axis=1, keepdims=True), 1).astype(x.dtype)
       pooled = jnp.sum(x * valid[..., None].astype(x.dtype), axis=1) / count

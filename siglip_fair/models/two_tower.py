@@ -3,6 +3,7 @@
 config.model = dict(
     image=dict(variant='mu/4', pool='gap', posemb='learn'),   # + width/depth/mlp_dim/num_heads
     text=dict(variant='mu', vocab_size=..., max_len=16, pool='last'),
+                         # + padding='mask' (token 0 masked) or 'none' (big_vision: no mask)
     embed_dim=64,        # shared embedding width, independent of the towers' widths
     head='linear',       # projection into it: 'linear', 'mlp' (hidden layer of the tower's
                          # width, GELU) or 'none' (identity; embed_dim = both towers' widths)
@@ -103,6 +104,7 @@ def make_model(config) -> TwoTower:
             posemb=icfg.get("posemb", "learn"), dropout=icfg.get("dropout", 0.0), dtype=dtype)
   txt = TextTransformer(**_sizes(tcfg, need_patch=False), vocab_size=int(tcfg["vocab_size"]),
                         max_len=int(tcfg.get("max_len", 64)), pool=tcfg.get("pool", "last"),
+                        padding=tcfg.get("padding", "mask"),
                         dropout=tcfg.get("dropout", 0.0), dtype=dtype)
   t_init = float(config.get("t_init", 10.0))
   if t_init <= 0:
