@@ -30,6 +30,63 @@ def _ring(axis_name):
   return size, [(i, (i + 1) % size) for i in range(size)]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _negatives(zimg, ztxt, t, b, rows, valid, axis_name):
+  """This device's images scored against every text of the batch, all as negatives:
+  S = Σ_k rows · softplus(t zimg txt_kᵀ + b) · valid_k, with text block k visiting via the ring.
+
+  A custom VJP because autodiff of the ring scan would keep every visiting [b, D] text block for
+  the backward pass (O(B·D) per device); the backward rule instead sends the blocks round the
+  ring a second time, each with its gradient accumulator riding along (SigLIP paper, §3.3).
+  """
+  return _negatives_fwd(zimg, ztxt, t, b, rows, valid, axis_name)[0]
+
+
+def _negatives_fwd(zimg, ztxt, t, b, rows, valid, axis_name):
+  size, perm = _ring(axis_name)
+
+  def block(carry, _):
+    txt, txt_valid, total = carry
+    # Masks enter as matrix-vector products, so the body holds one [b, b] buffer and its
+    # softplus, never a broadcast mask.
+    total = total + rows @ (jax.nn.softplus(t * zimg @ txt.T + b) @ txt_valid)
+    txt, txt_valid = jax.lax.ppermute((txt, txt_valid), axis_name, perm)
+    return (txt, txt_valid, total), None
+
+  zero = jax.lax.pcast(jnp.zeros((), zimg.dtype), axis_name, to="varying")
+  (_, _, total), _ = jax.lax.scan(block, (ztxt, valid, zero), None, length=size)
+  return total, (zimg, ztxt, t, b, rows, valid)
+
+
+def _negatives_bwd(axis_name, residuals, g):
+  zimg, ztxt, t, b, rows, valid = residuals
+  size, perm = _ring(axis_name)
+
+  def block(carry, _):
+    txt, txt_valid, dtxt, dzimg, drows, dt, db = carry
+    logits = t * zimg @ txt.T + b
+    # dS/dlogits = rows ⊗ valid_k · σ(logits); softplus' = σ.
+    grad = g * rows[:, None] * jax.nn.sigmoid(logits) * txt_valid[None, :]
+    grad_txt = grad @ txt                                  # [b, D]
+    dzimg = dzimg + t * grad_txt
+    dtxt = dtxt + t * grad.T @ zimg
+    dt = dt + jnp.sum(zimg * grad_txt)                     # Σ grad ∘ (zimg txtᵀ)
+    db = db + jnp.sum(grad)
+    drows = drows + g * (jax.nn.softplus(logits) @ txt_valid)
+    # The text block and the gradient of its rows travel on together; after `size` hops both
+    # are home, the accumulator holding every device's contribution.
+    txt, txt_valid, dtxt = jax.lax.ppermute((txt, txt_valid, dtxt), axis_name, perm)
+    return (txt, txt_valid, dtxt, dzimg, drows, dt, db), None
+
+  zeros = jnp.zeros_like
+  init = (ztxt, valid, zeros(ztxt), zeros(zimg), zeros(rows), zeros(t), zeros(b))
+  (_, _, dtxt, dzimg, drows, dt, db), _ = jax.lax.scan(block, init, None, length=size)
+  return dzimg, dtxt, dt, db, drows, zeros(valid)
+
+
+_negatives.defvjp(_negatives_fwd, _negatives_bwd)
+
+
 def sigmoid_ring_loss(zimg, ztxt, t, b, weights, valid, *, axis_name: str):
   """SigLIP loss over the global batch, from this device's rows; call inside shard_map.
 
@@ -38,34 +95,25 @@ def sigmoid_ring_loss(zimg, ztxt, t, b, weights, valid, *, axis_name: str):
     t, b: scalar temperature and bias (replicated).
     weights: f32 [b] per-image weights (ones for none).
     valid: f32 [b], 1 for real rows, 0 for padding.
-    axis_name: the mesh axis the batch is split over.
+    axis_name: the mesh axis (or axes) the batch is split over.
 
   Returns:
     (loss, metrics) replicated over the axis: as `losses.sigmoid_loss` on the valid rows.
+    Memory per device: O(b²) for one logit block plus O(b·D), forward and backward.
   """
-  size, perm = _ring(axis_name)
   rows = valid * weights
-
-  def block(carry, _):
-    # Every pair as a negative; the k = 0 diagonal is corrected after the scan. Row and column
-    # masks are applied as matrix-vector products (a broadcast mask would be materialised as
-    # another [b, b] buffer), so the body holds two: logits and softplus(logits).
-    txt, txt_valid, loss, neg_sum = carry
-    logits = t * zimg @ txt.T + b
-    loss = loss + rows @ (jax.nn.softplus(logits) @ txt_valid)  # −log σ(−x) = softplus(x)
-    neg_sum = neg_sum + valid @ (logits @ txt_valid)
-    txt, txt_valid = jax.lax.ppermute((txt, txt_valid), axis_name, perm)
-    return (txt, txt_valid, loss, neg_sum), None
-
-  zero = jax.lax.pcast(jnp.zeros((), zimg.dtype), axis_name, to="varying")
-  init = (ztxt, valid, zero, zero)
-  # Rematerialised: the backward pass recomputes each block's logits instead of keeping all D
-  # of them (which would be the full [b, B] again).
-  (_, _, loss, all_sum), _ = jax.lax.scan(jax.checkpoint(block), init, None, length=size)
+  # Per-device copies of t and b: the custom VJP returns per-device partial gradients, which
+  # the transpose of this cast sums over the axis.
+  varying = lambda x: jax.lax.pcast(x, axis_name, to="varying")
+  loss = _negatives(zimg, ztxt, varying(t), varying(b), rows, valid, axis_name)
+  # Every pair was scored as a negative; the positives (this device's own pairs) are corrected.
   pos = t * jnp.sum(zimg * ztxt, axis=1) + b
   loss = loss + jnp.sum(rows * (jax.nn.log_sigmoid(-pos) - jax.nn.log_sigmoid(pos)))
-  pos_sum = jnp.sum(pos * valid)
-  loss, all_sum, pos_sum, n = jax.lax.psum((loss, all_sum, pos_sum, jnp.sum(valid)), axis_name)
+  # Mean logit over all pairs in closed form: Σ_rc (t zimg_r·ztxt_c + b) = t (Σ zimg)·(Σ ztxt)
+  # + b n², so the metric needs no second pass over the blocks.
+  sum_img, sum_txt, pos_sum, n, loss = jax.lax.psum(
+      (valid @ zimg, valid @ ztxt, jnp.sum(pos * valid), jnp.sum(valid), loss), axis_name)
+  all_sum = t * sum_img @ sum_txt + b * n * n
   return loss / n, {"pos_logit": pos_sum / n,
                     "neg_logit": (all_sum - pos_sum) / jnp.maximum(n * (n - 1), 1.0)}
 
