@@ -55,6 +55,21 @@ def test_zeroshot_topk_matches_loops():
   assert 0 < acc[1] < acc[5] < 1
 
 
+@pytest.mark.parametrize("chunk_size", [1, 7, 60, 1000])
+def test_zeroshot_chunks_match_the_unchunked_loop(chunk_size):
+  rng = np.random.default_rng(2)
+  img, cls = _unit(rng, 60, 8), _unit(rng, 9, 8)
+  img[5] = cls[3]  # an exact hit, and a tie between two classes below
+  cls[4] = cls[3]
+  labels = rng.integers(0, 9, 60)
+  labels[5] = 3
+  expected = [_loop_rank(list(img[i] @ cls.T), {labels[i]}) for i in range(60)]
+  np.testing.assert_array_equal(metrics.zeroshot_ranks(img, cls, labels, chunk_size),
+                                expected)
+  with pytest.raises(ValueError, match="chunk_size"):
+    metrics.zeroshot_ranks(img, cls, labels, 0)
+
+
 def test_zeroshot_ties_count_against_and_collapse_scores_zero():
   img = np.array([[1.0, 0.0], [0.0, 1.0]])
   cls = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # classes 0 and 1 tie

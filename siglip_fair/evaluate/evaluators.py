@@ -191,11 +191,12 @@ class ZeroShot(Evaluator):
   """Top-k zero-shot classification with template-ensembled class prompts.
 
   Config: `classes` (names in label order, or name -> synonyms), `label_key`
-  (int field, -1 = unlabelled and skipped), `templates`, `ks`.
+  (int field, -1 = unlabelled and skipped), `templates`, `ks`, `chunk_size` (images
+  scored against all classes at once).
   Yields prefix + top{k} with _lo/_hi.
   """
   DEFAULTS = {"split": "objects", "classes": None, "label_key": "object_label",
-              "templates": prompts.DEFAULT_TEMPLATES, "ks": (1, 5),
+              "templates": prompts.DEFAULT_TEMPLATES, "ks": (1, 5), "chunk_size": 4096,
               "prefix": "zeroshot/"}
 
   def __init__(self, config, context):
@@ -211,7 +212,8 @@ class ZeroShot(Evaluator):
     emb, values = self._embed_split(params, [self.config["label_key"]])
     labels = np.asarray(values[self.config["label_key"]], np.int64)
     keep = _labelled(labels, self)
-    ranks = metrics.zeroshot_ranks(emb[keep], class_emb, labels[keep])
+    ranks = metrics.zeroshot_ranks(emb[keep], class_emb, labels[keep],
+                                   self.config["chunk_size"])
     for k in self.config["ks"]:
       yield from self._with_ci(f"top{k}", _mean_last, (ranks < k).astype(np.float32))
 

@@ -80,13 +80,15 @@ def ranks_of_positives(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
 
 
 def zeroshot_ranks(image_emb: np.ndarray, class_emb: np.ndarray,
-                   labels: np.ndarray) -> np.ndarray:
+                   labels: np.ndarray, chunk_size: int = 4096) -> np.ndarray:
   """Rank of the true class for each image (0 = top-1).
 
   Args:
     image_emb: [N, D] normalised image embeddings.
     class_emb: [C, D] normalised class embeddings (`prompt_ensemble`).
     labels: int [N] in [0, C).
+    chunk_size: images scored at once; memory is O(chunk_size * C), so 50k images x 1k
+      classes never hold the 200 MB score matrix.
 
   Returns:
     int [N]: number of other classes scoring >= the true class.
@@ -95,8 +97,15 @@ def zeroshot_ranks(image_emb: np.ndarray, class_emb: np.ndarray,
   image_emb = _check_embeddings("image_emb", image_emb, class_emb.shape[1])
   num_classes = class_emb.shape[0]
   labels = _check_labels("labels", labels, image_emb.shape[0], num_classes)
-  scores = image_emb @ class_emb.T
-  return ranks_of_positives(scores, labels[:, None] == np.arange(num_classes))
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size={chunk_size} must be >= 1.")
+  ranks = []
+  for start in range(0, image_emb.shape[0], chunk_size):
+    scores = image_emb[start:start + chunk_size] @ class_emb.T
+    true = np.take_along_axis(scores, labels[start:start + chunk_size, None], axis=1)
+    # Equivalent to ranks_of_positives with one positive per row, without a [chunk, C] mask.
+    ranks.append(np.sum(scores >= true, axis=1) - 1)
+  return np.concatenate(ranks) if ranks else np.zeros((0,), np.int64)
 
 
 def zeroshot_accuracy(image_emb: np.ndarray, class_emb: np.ndarray,
