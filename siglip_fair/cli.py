@@ -16,6 +16,7 @@ _DEFAULT_CONFIG = {
     "balance": "configs/demo.py",
     "train": "configs/siglip.py",
     "eval": "configs/siglip.py",
+    "report": "configs/siglip.py",
 }
 
 _HELP = {
@@ -32,6 +33,9 @@ _HELP = {
     "train": ("Train a two-tower model (SigLIP or CLIP loss) with periodic evaluation; resumes "
               "automatically from the checkpoints in the workdir."),
     "eval": "Evaluate the latest checkpoint in the workdir: zero-shot, retrieval, RB, AB, gender accuracy.",
+    "report": ("Plot RB, AB and quality against examples seen for every run under the workdir "
+               "(or the folders given with --runs) and tabulate their final metrics: writes "
+               "report.png and report.md to the workdir."),
 }
 
 
@@ -55,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=(name != "demo"),
                    default=("workdir/demo" if name == "demo" else None),
                    help="output folder; reruns resume from what is already there.")
+    if name == "report":
+      p.add_argument("--runs", nargs="+", default=None, metavar="RUN_DIR",
+                     help="run folders to compare (default: every run under --workdir).")
     group = p.add_argument_group(
         "multi-host", "Join a multi-process JAX job before anything else runs (off by default).")
     group.add_argument("--distributed", action="store_true",
@@ -92,7 +99,16 @@ def _commands() -> dict[str, Callable]:
     from siglip_fair import study
     study.evaluate_checkpoint(config, workdir)
 
-  return {"demo": demo, "data": data, "balance": balance, "train": train, "eval": evaluate}
+  def report(config, workdir, runs=None):
+    del config
+    from siglip_fair.report import runs as runs_lib
+    found = ({os.path.basename(os.path.normpath(r)): r for r in runs} if runs
+             else runs_lib.find_runs(workdir))
+    for path in runs_lib.write_report(found, workdir):
+      print(f"report: wrote {path}")
+
+  return {"demo": demo, "data": data, "balance": balance, "train": train, "eval": evaluate,
+          "report": report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.distributed or args.coordinator is not None:
       from siglip_fair.train import distributed
       distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    _commands()[args.command](config, args.workdir)
+    extra = {"runs": args.runs} if args.command == "report" else {}
+    _commands()[args.command](config, args.workdir, **extra)
   except (ValueError, FileNotFoundError) as e:
     # Library errors carry a message naming the problem; a traceback adds nothing for users.
     print(f"siglip-fair {args.command}: error: {e}", file=sys.stderr)

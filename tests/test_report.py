@@ -97,3 +97,43 @@ def test_plot_bias_bars(tmp_path):
   assert os.listdir(tmp_path / "plots") == ["bias.png"]
   with pytest.raises(ValueError, match="No bias metrics"):
     report.plot_bias_bars([{"model": "a", "zeroshot/top1": 1.0}], str(tmp_path / "x.png"))
+
+
+def _fake_run(folder, rb_curve, final=None):
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+    for i, rb in enumerate(rb_curve, 1):
+      f.write(json.dumps({"step": 10 * i, "examples_seen": 320 * i, "loss": 1.0 / i,
+                          "bias/rb": rb, "bias/ab_mean": 2 * rb}) + "\n")
+  if final is not None:
+    with open(os.path.join(folder, "eval.json"), "w") as f:
+      json.dump(final, f)
+
+
+def test_report_subcommand_plots_and_tabulates_every_run(tmp_path, capsys):
+  from siglip_fair import cli
+  from siglip_fair.report import runs
+  _fake_run(tmp_path / "baseline", [30.0, 20.0], {"bias/rb": 19.5, "bias/rb_lo": 18.0,
+                                                  "bias/rb_hi": 21.0, "step": 20})
+  _fake_run(tmp_path / "sweep" / "balanced", [10.0, 4.0, 2.0])  # unfinished: no eval.json
+  os.makedirs(tmp_path / "sweep" / "balanced" / "checkpoints" / "30")
+  assert runs.find_runs(str(tmp_path)) == {
+      "baseline": str(tmp_path / "baseline"),
+      os.path.join("sweep", "balanced"): str(tmp_path / "sweep" / "balanced")}
+  assert runs.final_metrics(str(tmp_path / "sweep" / "balanced")) == {
+      "step": 30, "bias/rb": 2.0, "bias/ab_mean": 4.0}
+  assert cli.main(["report", "--workdir", str(tmp_path)]) == 0
+  table = (tmp_path / "report.md").read_text()
+  assert "19.5 [18, 21]" in table and "| bias/ab_mean" in table
+  assert [line.split("|")[3].strip() for line in table.splitlines()
+          if line.startswith("| bias/rb ")] == ["2"]
+  image = matplotlib.image.imread(tmp_path / "report.png")
+  assert image.ndim == 3 and image.shape[0] > 100
+  # Runs named explicitly; a folder without metrics is an error that names it.
+  assert cli.main(["report", "--workdir", str(tmp_path / "out"), "--runs",
+                   str(tmp_path / "baseline")]) == 0
+  assert cli.main(["report", "--workdir", str(tmp_path / "out"), "--runs",
+                   str(tmp_path / "nothing")]) == 1
+  assert "'nothing'" in capsys.readouterr().err
+  assert cli.main(["report", "--workdir", str(tmp_path / "empty")]) == 1
+  assert "no runs to report" in capsys.readouterr().err
