@@ -190,7 +190,8 @@ def train_iterator(config, data: Data, keep: np.ndarray | None):
 def make_evaluators(config, data: Data, model, *, bootstrap: bool):
   from siglip_fair.evaluate import evaluators as ev
   from siglip_fair.models.two_tower import embed_fns, temperature
-  embed_images, embed_texts = embed_fns(model)
+  from siglip_fair.train.sharding import make_mesh
+  embed_images, embed_texts = embed_fns(model, make_mesh(config.get("mesh")))
   context = ev.EvalContext(embed_images=embed_images, embed_texts=embed_texts,
                            temperature=temperature,
                            tokenizer=data.tokenizer,

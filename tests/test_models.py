@@ -155,6 +155,18 @@ def test_two_tower_outputs(tiny):
     temperature({"img": {}})
 
 
+def test_embedding_on_a_mesh_matches_one_device(tiny):
+  from siglip_fair.train.sharding import make_mesh, state_shardings
+  model, params, images, tokens, (zimg, ztxt, _) = tiny  # 3 rows: not a multiple of 8
+  mesh = make_mesh({"data": 2, "fsdp": 4})
+  sharded = jax.device_put(params, state_shardings(params, mesh))  # FSDP-split parameters
+  embed_images, embed_texts = embed_fns(model, mesh)
+  got = embed_images(sharded, images)
+  assert got.shape == zimg.shape and len(got.sharding.device_set) == 8
+  np.testing.assert_allclose(got, zimg, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(embed_texts(sharded, tokens), ztxt, rtol=1e-5, atol=1e-6)
+
+
 def test_clip_style_has_no_bias_parameter():
   model = make_model(_config(t_init=1 / 0.07, b_init=None))
   shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 8, 8, 3)),

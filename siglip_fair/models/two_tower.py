@@ -117,11 +117,16 @@ def make_model(config) -> TwoTower:
                   b_init=None if b_init is None else float(b_init), dtype=dtype)
 
 
-def embed_fns(model: TwoTower) -> tuple[Callable, Callable]:
+def embed_fns(model: TwoTower, mesh=None) -> tuple[Callable, Callable]:
   """Jitted single-tower embedding functions for evaluators.
 
   Returns (embed_images(params, images [B, H, W, 3]) -> f32 [B, D],
            embed_texts(params, tokens i32 [B, L]) -> f32 [B, D]).
+
+  With a `mesh` the rows are split over its batch axes (`train.sharding.batch_axes`), so
+  evaluation runs data-parallel on every device with parameters wherever the train state keeps
+  them (replicated or FSDP-sharded); B need not divide by the device count (rows are padded
+  and the padding dropped). Call with a fixed B so each tower compiles once.
   """
   @jax.jit
   def embed_images(params, images):
@@ -131,7 +136,23 @@ def embed_fns(model: TwoTower) -> tuple[Callable, Callable]:
   def embed_texts(params, tokens):
     return model.apply({"params": params}, None, tokens)[1]
 
-  return embed_images, embed_texts
+  if mesh is None:
+    return embed_images, embed_texts
+  from siglip_fair.train.sharding import batch_sharding  # pylint: disable=g-import-not-at-top
+  sharding = batch_sharding(mesh)
+  size = int(np.prod([mesh.shape[a] for a in np.atleast_1d(sharding.spec[0])]))
+
+  def on_mesh(fn):
+    def sharded(params, x):
+      x = np.asarray(x)
+      pad = -len(x) % size
+      if pad:
+        x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+      out = fn(params, jax.device_put(x, sharding))  # explicit: rows split over the devices
+      return out[:len(out) - pad] if pad else out
+    return sharded
+
+  return on_mesh(embed_images), on_mesh(embed_texts)
 
 
 def temperature(params) -> float:
