@@ -148,7 +148,12 @@ class InMemorySource:
 
 def normalize_image(image: np.ndarray) -> np.ndarray:
   """uint8 [..., 3] in [0, 255] -> float32 in [-1, 1]."""
-  return np.asarray(image, np.float32) / 127.5 - 1.0
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    # Float images would be rescaled a second time and silently give garbage embeddings.
+    raise ValueError(f"Images must be uint8 [H, W, 3] as stored in the source, got "
+                     f"{image.dtype}.")
+  return image.astype(np.float32) / 127.5 - 1.0
 
 
 def _train_example(record: Mapping[str, Any], rng: np.random.Generator, *,

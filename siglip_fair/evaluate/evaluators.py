@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from siglip_fair.data.pipeline import normalize_image
+from siglip_fair.data import pipeline
 from siglip_fair.evaluate import bias, metrics, prompts
 from siglip_fair.evaluate.bootstrap import bootstrap_ci
 
@@ -68,11 +68,7 @@ class EvalContext:
 
 def preprocess_images(images: np.ndarray) -> np.ndarray:
   """uint8 [..., H, W, 3] in [0, 255] -> float32 in [-1, 1]."""
-  images = np.asarray(images)
-  if images.dtype != np.uint8:
-    raise ValueError(f"Images must be uint8 [H, W, 3] as stored in the source,"
-                     f" got {images.dtype}.")
-  return normalize_image(images)
+  return pipeline.normalize_image(images)
 
 
 def _embed_fixed(fn: Embedder, params, inputs: np.ndarray, batch_size: int) -> np.ndarray:
@@ -128,7 +124,8 @@ class Evaluator:
     return metrics.prompt_ensemble(emb, spans)
 
   def _embed_split(self, params, fields: Sequence[str]):
-    """Image embeddings [N, D] and {field: list of N values} of the split."""
+    """Image embeddings [N, D] and {field: list of N values} of the split, read through
+    `pipeline.eval_batches` (fixed-size batches, the last one padded and masked)."""
     n, bs = len(self.source), self.context.batch_size
     if not n:
       raise ValueError(f"Split {self.config['split']!r} is empty.")
@@ -137,12 +134,15 @@ class Evaluator:
       raise ValueError(f"Records of split {self.config['split']!r} have no "
                        f"field(s) {missing}; available: {sorted(self.source[0])}.")
     embs, values = [], {f: [] for f in fields}
-    for start in range(0, n, bs):
-      records = [self.source[i] for i in range(start, min(start + bs, n))]
-      images = preprocess_images(np.stack([r["image"] for r in records]))
-      embs.append(_embed_fixed(self.context.embed_images, params, images, bs))
+    for batch in pipeline.eval_batches(self.source, batch_size=bs, fields=("image", *fields)):
+      real = np.asarray(batch["mask"])
+      emb = np.asarray(self.context.embed_images(params, batch["image"]), np.float32)
+      if emb.ndim != 2 or emb.shape[0] != bs:
+        raise ValueError(f"An embedder returned shape {emb.shape} for a batch of {bs}; it "
+                         "must return [B, D].")
+      embs.append(emb[real])
       for f in fields:
-        values[f].extend(r[f] for r in records)
+        values[f].extend(np.asarray(batch[f])[real])
     return np.concatenate(embs), values
 
   def _with_ci(self, names: str | Sequence[str], stat_fn,
