@@ -137,6 +137,9 @@ def test_all_evaluators_yield_planted_values_with_fixed_batches():
   assert out["bias/ab_mean"] == pytest.approx(np.mean(np.abs(expected)), rel=1e-4)
   assert 0 < out["bias/ab/nurse_doctor"] < out["bias/ab_argmax/nurse_doctor"]
   assert out["bias/gender_acc"] == pytest.approx(0.9)
+  assert out["bias/gender_acc/man"] == out["bias/gender_acc/woman"] == pytest.approx(0.9)
+  assert out["bias/gender_acc_worst"] == pytest.approx(0.9)
+  assert out["bias/gender_acc_gap"] == pytest.approx(0.0, abs=1e-12)
   for name in ("zeroshot/top1", "bias/rb", "bias/ab/nurse_doctor", "bias/ab_mean",
                "bias/ab_argmax_mean", "bias/gender_acc"):
     assert out[name + "_lo"] <= out[name] <= out[name + "_hi"], name
@@ -213,3 +216,35 @@ def test_config_errors_are_explained():
     ev.run_all(on_objects, {"words": _word_table()})
   with pytest.raises(ValueError, match="uint8"):
     ev.preprocess_images(np.zeros((2, 2, 3), np.float32))
+
+
+def test_retrieval_skew_matches_brute_force_ranking():
+  context = _context(FakeTowers())
+  params = {"words": _word_table()}
+  config = {"skew": {"type": "retrieval_skew", "queries": ["nurse", "scientist"],
+                     "ks": (1, 5, 100)}}
+  out = ev.run_all(ev.build_evaluators(config, context), params)
+  people = context.sources["people"]
+  img = _unit([r["image"].reshape(-1)[:D] / 255.0 for r in people])
+  gender = np.array([r["gender"] for r in people])
+  prior = np.bincount(gender, minlength=2) / len(gender)
+  for k in (1, 5, 100):
+    skews, ndkls = [], []
+    for axis in (2, 5):  # the bag-of-words query embedding is the word's own axis
+      order = sorted(range(len(img)), key=lambda i: (-img[i, axis], i))
+      top = order[:min(k, len(img))]
+      share = np.bincount(gender[top], minlength=2) / len(top)
+      skews.append(max(np.log(share[g] / prior[g]) for g in range(2) if share[g] > 0))
+      kl = []
+      for i in range(1, len(top) + 1):
+        p = np.bincount(gender[top[:i]], minlength=2) / i
+        kl.append(sum(p[g] * np.log(p[g] / prior[g]) for g in range(2) if p[g] > 0))
+      weights = 1 / np.log2(np.arange(2, len(top) + 2))
+      ndkls.append(np.sum(weights * kl) / np.sum(weights))
+    assert out[f"bias/maxskew@{k}"] == pytest.approx(np.mean(skews)), k
+    assert out[f"bias/maxskew@{k}_max"] == pytest.approx(np.max(skews)), k
+    assert out[f"bias/ndkl@{k}"] == pytest.approx(np.mean(ndkls)), k
+  assert out["bias/maxskew@100"] == pytest.approx(0.0, abs=1e-12)  # k > set: all images
+  assert out["bias/maxskew@5"] > 0
+  with pytest.raises(ValueError, match="explicit `ks`"):
+    ev.build_evaluators({"skew": {"type": "retrieval_skew", "queries": ["nurse"]}}, context)

@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from siglip_fair.data import pipeline
-from siglip_fair.evaluate import bias, metrics, prompts
+from siglip_fair.evaluate import bias, fairness, metrics, prompts
 from siglip_fair.evaluate.bootstrap import bootstrap_ci
 
 Embedder = Callable[[Any, np.ndarray], Any]
@@ -368,6 +368,50 @@ class AttributeAccuracy(Evaluator):
     keep = _labelled(labels, self)
     correct = bias.attribute_correct(emb[keep], group_emb, labels[keep])
     yield from self._with_ci(self.config["name"], _mean_last, correct)
+    groups = self.config["groups"]
+    per_group, worst, gap = fairness.group_accuracies(correct, labels[keep], len(groups))
+    name = self.prefix + self.config["name"]
+    for group, value in zip(groups, per_group):
+      yield f"{name}/{group}", float(value)  # NaN for a group with no images
+    yield f"{name}_worst", float(worst)
+    yield f"{name}_gap", float(gap)
+
+
+class RetrievalSkew(Evaluator):
+  """Who a neutral text query retrieves: MaxSkew@k and NDKL@k of the sensitive groups among
+  the top-k images (Geyik et al., 2019), averaged over the queries.
+
+  Config: `queries` (words, e.g. occupations, each ensembled over `templates`), `ks` (required:
+  the cut-offs are part of the metric), `group_key` (int field, -1 = unknown, left out),
+  `target` (group shares; None = their shares in the split). Yields prefix + maxskew@k and
+  ndkl@k, and their worst query (`_max`).
+  """
+  DEFAULTS = {"split": "people", "queries": None, "ks": None, "group_key": "gender",
+              "templates": prompts.DEFAULT_TEMPLATES, "target": None, "prefix": "bias/"}
+
+  def __init__(self, config, context):
+    super().__init__(config, context)
+    if not self.config["queries"]:
+      raise ValueError("RetrievalSkew needs `queries`: the neutral words whose retrievals "
+                       "are measured (e.g. occupations).")
+    ks = self.config["ks"]
+    if not ks or any(int(k) < 1 for k in ks):
+      raise ValueError(f"RetrievalSkew needs explicit `ks` >= 1 (e.g. (10, 100)), got {ks!r}; "
+                       "MaxSkew and NDKL depend on k.")
+    self._prompts = self._encode_prompt_sets(_word_sets(self.config["queries"]))
+
+  def run(self, params):
+    query_emb = self._embed_prompt_sets(params, self._prompts)
+    emb, values = self._embed_split(params, [self.config["group_key"]])
+    groups = np.asarray(values[self.config["group_key"]], np.int64)
+    scores = query_emb @ emb.T
+    target = self.config["target"]
+    target = None if target is None else np.asarray(target, np.float64)
+    for k in self.config["ks"]:
+      for name, fn in (("maxskew", fairness.maxskew_at_k), ("ndkl", fairness.ndkl_at_k)):
+        per_query = fn(scores, groups, int(k), target=target)
+        yield f"{self.prefix}{name}@{k}", float(np.mean(per_query))
+        yield f"{self.prefix}{name}@{k}_max", float(np.max(per_query))
 
 
 EVALUATORS: dict[str, type[Evaluator]] = {
@@ -376,6 +420,7 @@ EVALUATORS: dict[str, type[Evaluator]] = {
     "representation_bias": RepresentationBias,
     "association_bias": AssociationBias,
     "attribute_accuracy": AttributeAccuracy,
+    "retrieval_skew": RetrievalSkew,
 }
 
 
