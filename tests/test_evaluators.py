@@ -248,3 +248,33 @@ def test_retrieval_skew_matches_brute_force_ranking():
   assert out["bias/maxskew@5"] > 0
   with pytest.raises(ValueError, match="explicit `ks`"):
     ev.build_evaluators({"skew": {"type": "retrieval_skew", "queries": ["nurse"]}}, context)
+
+
+def test_zero_shot_interval_over_templates_spans_the_template_ensembles():
+  # Templates that name an object pull every image towards that class, so the accuracy
+  # depends on which templates the ensemble draws.
+  context = _context(FakeTowers())
+  params = {"words": _word_table()}
+  templates = ["a photo of a {}.", "a {} next to a cat.", "a {} next to a dog."]
+  config = {"zeroshot": {"classes": ["cat", "dog", "car"], "templates": templates,
+                         "ks": (1,), "template_bootstrap": 300,
+                         "bootstrap": {"num_samples": 0}}}
+  out = ev.run_all(ev.build_evaluators(config, context), params)
+  # Brute force: the accuracy of the ensemble of every multiset of 3 templates.
+  objects = [r for r in context.sources["objects"] if r["object_label"] >= 0]
+  img = _unit([r["image"].reshape(-1)[:D] / 255.0 for r in objects])
+  labels = np.array([r["object_label"] for r in objects])
+
+  def embed(text):
+    return _unit([[sum(AXIS.get(w.strip(".")) == a for w in text.split()) for a in range(D)]])[0]
+
+  accuracies = set()
+  for a in range(3):
+    for b in range(a, 3):
+      for c in range(b, 3):
+        classes = _unit([sum(embed(templates[t].format(name)) for t in (a, b, c))
+                         for name in ("cat", "dog", "car")])
+        accuracies.add(round(float(np.mean(np.argmax(img @ classes.T, 1) == labels)), 6))
+  lo, hi = out["zeroshot/top1_tpl_lo"], out["zeroshot/top1_tpl_hi"]
+  assert round(lo, 6) in accuracies and round(hi, 6) in accuracies
+  assert lo <= out["zeroshot/top1"] <= hi and lo < hi

@@ -193,11 +193,13 @@ class ZeroShot(Evaluator):
   Config: `classes` (names in label order, or name -> synonyms), `label_key`
   (int field, -1 = unlabelled and skipped), `templates`, `ks`, `chunk_size` (images
   scored against all classes at once).
-  Yields prefix + top{k} with _lo/_hi.
+  Yields prefix + top{k} with _lo/_hi (bootstrap over images). With
+  `template_bootstrap` = S > 0 also top{k}_tpl_lo/_tpl_hi: the interval over S ensembles of
+  templates drawn with replacement, i.e. how much the number depends on the prompt choice.
   """
   DEFAULTS = {"split": "objects", "classes": None, "label_key": "object_label",
               "templates": prompts.DEFAULT_TEMPLATES, "ks": (1, 5), "chunk_size": 4096,
-              "prefix": "zeroshot/"}
+              "template_bootstrap": 0, "prefix": "zeroshot/"}
 
   def __init__(self, config, context):
     super().__init__(config, context)
@@ -216,6 +218,32 @@ class ZeroShot(Evaluator):
                                    self.config["chunk_size"])
     for k in self.config["ks"]:
       yield from self._with_ci(f"top{k}", _mean_last, (ranks < k).astype(np.float32))
+    if self.config["template_bootstrap"]:
+      yield from self._template_intervals(params, emb[keep], labels[keep])
+
+  def _template_intervals(self, params, emb, labels):
+    tokens, spans = self._prompts
+    prompt_emb = metrics.l2_normalize(np.asarray(_embed_fixed(
+        self.context.embed_texts, params, np.asarray(tokens), self.context.batch_size)))
+    num_templates = len(self.config["templates"])
+    cfg = self.config["bootstrap"]
+    rng = np.random.default_rng(cfg["seed"])
+    ks = self.config["ks"]
+    samples = []
+    for _ in range(int(self.config["template_bootstrap"])):
+      counts = np.bincount(rng.integers(num_templates, size=num_templates),
+                           minlength=num_templates)
+      # Rows of a span are word-major, so row r uses template r % T.
+      class_emb = metrics.l2_normalize(np.stack([
+          counts[np.arange(span.stop - span.start) % num_templates] @ prompt_emb[span]
+          for span in spans]))
+      ranks = metrics.zeroshot_ranks(emb, class_emb, labels, self.config["chunk_size"])
+      samples.append([np.mean(ranks < k) for k in ks])
+    alpha = cfg["alpha"]
+    lo, hi = np.quantile(np.asarray(samples), [alpha / 2, 1 - alpha / 2], axis=0)
+    for i, k in enumerate(ks):
+      yield f"{self.prefix}top{k}_tpl_lo", float(lo[i])
+      yield f"{self.prefix}top{k}_tpl_hi", float(hi[i])
 
 
 class Retrieval(Evaluator):
