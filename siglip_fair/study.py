@@ -258,6 +258,8 @@ def train_and_evaluate(config, workdir: str, *, data: Data | None = None,
   final["step"] = int(jax.device_get(state.step))
   if jax.process_index() == 0:
     atomic_write(os.path.join(workdir, "eval.json"), json.dumps(final, indent=1))
+    atomic_write(os.path.join(workdir, "eval_rows.json"),
+                 json.dumps(ev.as_rows(final), indent=1))
   return final
 
 

@@ -278,3 +278,15 @@ def test_zero_shot_interval_over_templates_spans_the_template_ensembles():
   lo, hi = out["zeroshot/top1_tpl_lo"], out["zeroshot/top1_tpl_hi"]
   assert round(lo, 6) in accuracies and round(hi, 6) in accuracies
   assert lo <= out["zeroshot/top1"] <= hi and lo < hi
+
+
+def test_results_as_json_rows():
+  rows = ev.as_rows({"zeroshot/top1": 0.5, "zeroshot/top1_lo": 0.4, "zeroshot/top1_hi": 0.6,
+                     "zeroshot/top1_tpl_lo": 0.45, "zeroshot/top1_tpl_hi": 0.55,
+                     "bias/rb": 3.0, "step": 10})
+  assert rows == [
+      {"metric": "bias/rb", "value": 3.0, "lo": None, "hi": None, "tpl_lo": None,
+       "tpl_hi": None},
+      {"metric": "step", "value": 10, "lo": None, "hi": None, "tpl_lo": None, "tpl_hi": None},
+      {"metric": "zeroshot/top1", "value": 0.5, "lo": 0.4, "hi": 0.6, "tpl_lo": 0.45,
+       "tpl_hi": 0.55}]

@@ -3,14 +3,17 @@
 * `metrics`: zero-shot classification, retrieval Recall@k (quality, SPEC §4).
 * `bias`: representation bias, association bias, attribute accuracy (SPEC §3).
 * `bootstrap`: percentile confidence intervals over images.
+* `fairness`: MaxSkew@k, NDKL@k, per-group / worst-group accuracy, template bootstrap.
 * `data_bias`: the same biases measured on dataset annotations (before/after M4).
-* `evaluators`: `build_evaluators(config.evals, context)`, `run_all(evaluators, params)`.
+* `evaluators`: `build_evaluators(config.evals, context)`, `run_all(evaluators, params)`,
+  `as_rows(results)` (one JSON row per metric).
 """
 from siglip_fair.evaluate.bootstrap import bootstrap_ci
 from siglip_fair.evaluate.data_bias import data_bias_before_after, data_bias_metrics
 from siglip_fair.evaluate.evaluators import (
     EVALUATORS,
     EvalContext,
+    as_rows,
     build_evaluators,
     default_evals_config,
     preprocess_images,
@@ -18,7 +21,7 @@ from siglip_fair.evaluate.evaluators import (
 )
 
 __all__ = [
-    "EVALUATORS", "EvalContext", "bootstrap_ci", "build_evaluators",
+    "EVALUATORS", "EvalContext", "as_rows", "bootstrap_ci", "build_evaluators",
     "data_bias_before_after", "data_bias_metrics", "default_evals_config",
     "preprocess_images", "run_all",
 ]

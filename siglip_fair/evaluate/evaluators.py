@@ -490,6 +490,22 @@ def build_evaluators(config: Mapping[str, Any], context: EvalContext) -> dict[st
   return evaluators
 
 
+def as_rows(results: Mapping[str, float]) -> list[dict[str, Any]]:
+  """{name: v, name_lo: l, name_hi: h, ...} -> [{"metric": name, "value": v, "lo": l, "hi": h}]
+  in name order; lo/hi are None where no interval was computed. One row per metric is the
+  shape dataframes and sweep tables read directly."""
+  bounds = ("_lo", "_hi", "_tpl_lo", "_tpl_hi")
+  rows = []
+  for name in sorted(results):
+    if name.endswith(bounds) and any(name == base + b for b in bounds for base in results):
+      continue
+    row = {"metric": name, "value": results[name]}
+    for suffix in bounds:
+      row[suffix.strip("_")] = results.get(name + suffix)
+    rows.append(row)
+  return rows
+
+
 def run_all(evaluators: Mapping[str, Evaluator], params) -> dict[str, float]:
   """Runs every evaluator; metric names must be unique across evaluators."""
   results = {}
