@@ -9,6 +9,8 @@ k device i scores its images against the texts of device i − k:
   * softmax (CLIP), all-gather-free: row log-sum-exps of the local images accumulate online;
     the visiting text block carries its column log-sum-exp partials along and comes home after
     D hops with the full column sums, where its txt->img terms are taken.
+Both have custom VJPs whose backward pass sends the blocks round the ring a second time, each
+with its gradient accumulator, so nothing O(B·D) is kept for it either.
 Peak temporary memory per device is O(b²) instead of O(B²). Rows that are padding (`valid` 0,
 e.g. a global batch that does not divide into D equal blocks) are dropped as anchors and as
 negatives, so the losses equal `losses.sigmoid_loss` / `softmax_loss` on the valid rows.
@@ -118,36 +120,82 @@ def sigmoid_ring_loss(zimg, ztxt, t, b, weights, valid, *, axis_name: str):
                     "neg_logit": (all_sum - pos_sum) / jnp.maximum(n * (n - 1), 1.0)}
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _log_sum_exps(zimg, ztxt, t, valid, axis_name):
+  """Row log-sum-exps of this device's images over all texts, and column log-sum-exps of this
+  device's texts over all images: (row_lse [b], col_lse [b]), padding masked out.
+
+  The column partials ride round the ring with their text block and come home complete after
+  D hops. A custom VJP, like `_negatives`, so the backward pass re-sends the blocks instead of
+  keeping every visiting one.
+  """
+  return _log_sum_exps_fwd(zimg, ztxt, t, valid, axis_name)[0]
+
+
+def _masked_logits(zimg, txt, t, valid, txt_valid):
+  return (t * zimg @ txt.T + jnp.where(valid > 0, 0.0, _NEG)[:, None]
+          + jnp.where(txt_valid > 0, 0.0, _NEG)[None, :])
+
+
+def _log_sum_exps_fwd(zimg, ztxt, t, valid, axis_name):
+  size, perm = _ring(axis_name)
+
+  def block(carry, _):
+    txt, txt_valid, col_lse, row_lse = carry
+    masked = _masked_logits(zimg, txt, t, valid, txt_valid)
+    row_lse = jnp.logaddexp(row_lse, jax.nn.logsumexp(masked, axis=1))
+    col_lse = jnp.logaddexp(col_lse, jax.nn.logsumexp(masked, axis=0))
+    txt, txt_valid, col_lse = jax.lax.ppermute((txt, txt_valid, col_lse), axis_name, perm)
+    return (txt, txt_valid, col_lse, row_lse), None
+
+  start = jax.lax.pcast(jnp.full(zimg.shape[:1], _NEG, zimg.dtype), axis_name, to="varying")
+  (_, _, col_lse, row_lse), _ = jax.lax.scan(block, (ztxt, valid, start, start), None,
+                                             length=size)
+  return (row_lse, col_lse), (zimg, ztxt, t, valid, row_lse, col_lse)
+
+
+def _log_sum_exps_bwd(axis_name, residuals, cotangents):
+  zimg, ztxt, t, valid, row_lse, col_lse = residuals
+  g_row, g_col = cotangents
+  size, perm = _ring(axis_name)
+
+  def block(carry, _):
+    txt, txt_valid, lse, g, dtxt, dzimg, dt = carry
+    masked = _masked_logits(zimg, txt, t, valid, txt_valid)
+    # d lse / d logits is a softmax; masked entries are exp(-1e30) = 0.
+    grad = (g_row[:, None] * jnp.exp(masked - row_lse[:, None])
+            + g[None, :] * jnp.exp(masked - lse[None, :]))
+    grad_txt = grad @ txt
+    dzimg = dzimg + t * grad_txt
+    dtxt = dtxt + t * grad.T @ zimg
+    dt = dt + jnp.sum(zimg * grad_txt)
+    txt, txt_valid, lse, g, dtxt = jax.lax.ppermute((txt, txt_valid, lse, g, dtxt), axis_name,
+                                                    perm)
+    return (txt, txt_valid, lse, g, dtxt, dzimg, dt), None
+
+  init = (ztxt, valid, col_lse, g_col, jnp.zeros_like(ztxt), jnp.zeros_like(zimg),
+          jnp.zeros_like(t))
+  (_, _, _, _, dtxt, dzimg, dt), _ = jax.lax.scan(block, init, None, length=size)
+  return dzimg, dtxt, dt, jnp.zeros_like(valid)
+
+
+_log_sum_exps.defvjp(_log_sum_exps_fwd, _log_sum_exps_bwd)
+
+
 def softmax_ring_loss(zimg, ztxt, t, weights, valid, *, axis_name: str):
   """CLIP loss over the global batch without gathering it; call inside shard_map.
 
   Arguments as `sigmoid_ring_loss` (no bias). Returns (loss, metrics) replicated: as
   `losses.softmax_loss` on the valid rows.
   """
-  size, perm = _ring(axis_name)
-  mask_rows = jnp.where(valid > 0, 0.0, _NEG)
-
-  def block(carry, _):
-    txt, txt_valid, col_lse, row_lse, neg_sum = carry
-    logits = t * zimg @ txt.T
-    masked = logits + mask_rows[:, None] + jnp.where(txt_valid > 0, 0.0, _NEG)[None, :]
-    row_lse = jnp.logaddexp(row_lse, jax.nn.logsumexp(masked, axis=1))
-    col_lse = jnp.logaddexp(col_lse, jax.nn.logsumexp(masked, axis=0))
-    neg_sum = neg_sum + jnp.sum(logits * valid[:, None] * txt_valid[None, :])
-    txt, txt_valid, col_lse = jax.lax.ppermute((txt, txt_valid, col_lse), axis_name, perm)
-    return (txt, txt_valid, col_lse, row_lse, neg_sum), None
-
   varying = lambda x: jax.lax.pcast(x, axis_name, to="varying")
-  start = varying(jnp.full(zimg.shape[:1], _NEG, zimg.dtype))
-  init = (ztxt, valid, start, start, varying(jnp.zeros((), zimg.dtype)))
-  (_, _, col_lse, row_lse, all_sum), _ = jax.lax.scan(jax.checkpoint(block), init, None,
-                                                      length=size)
-  # After D hops every text block is home again, with its column sums complete.
+  row_lse, col_lse = _log_sum_exps(zimg, ztxt, varying(t), valid, axis_name)
   diag = t * jnp.sum(zimg * ztxt, axis=1)
   per_pair = 0.5 * ((row_lse - diag) + (col_lse - diag)) * weights * valid
-  pos_sum = jnp.sum(diag * valid)
-  loss, pos_sum, all_sum, n = jax.lax.psum(
-      (jnp.sum(per_pair), pos_sum, all_sum, jnp.sum(valid)), axis_name)
+  sum_img, sum_txt, pos_sum, n, loss = jax.lax.psum(
+      (valid @ zimg, valid @ ztxt, jnp.sum(diag * valid), jnp.sum(valid), jnp.sum(per_pair)),
+      axis_name)
+  all_sum = t * sum_img @ sum_txt  # Σ over all valid pairs of t zimg·ztxt, in closed form
   return loss / n, {"pos_logit": pos_sum / n,
                     "neg_logit": (all_sum - pos_sum) / jnp.maximum(n * (n - 1), 1.0)}
 
