@@ -142,11 +142,48 @@ def test_shard_io(tmp_path):
   np.testing.assert_array_equal(rec["known"], (ann["s"][10:20].sum(1) > 0))
   with pytest.raises(FileNotFoundError, match="does not exist"):
     shards.as_shards(str(tmp_path / "missing.npz"))
-  with pytest.raises(ValueError, match="no .npz annotation shards"):
+  with pytest.raises(ValueError, match="no .npz or .parquet annotation shards"):
     shards.as_shards(str(tmp_path / "empty")) if (tmp_path / "empty").mkdir() is None else None
   (tmp_path / "bad.npz").write_bytes(b"not a zip")
   with pytest.raises(ValueError, match="bad.npz.*not a readable"):
     shards.NpzShard(tmp_path / "bad.npz")
+
+
+def _write_parquet(ann, path, rows, row_group_size):
+  """Writes rows of `ann` with pyarrow itself: [n, k] fields as fixed-size list columns."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  columns = {}
+  for k in shards.FIELDS:
+    x = ann[k][rows]
+    columns[k] = (pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+                  if x.ndim == 2 else pa.array(x))
+  pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+
+
+def test_parquet_shards_equal_npz_shards(tmp_path):
+  ann, pi = _instance(n=3000)
+  cfg = _config(chunk_size=512)
+  cfg.pi = tuple(float(x) for x in pi)
+  folder = tmp_path / "pq"
+  folder.mkdir()
+  cuts = [0, 1000, 1777, 3000]
+  for i, (a, b) in enumerate(zip(cuts, cuts[1:])):  # row groups straddle the 512-row chunks
+    _write_parquet(ann, folder / f"part-{i}.parquet", slice(a, b), row_group_size=300)
+  opened = shards.as_shards(str(folder))
+  assert [len(s) for s in opened] == [1000, 777, 1223]
+  got = {k: np.concatenate([c[k] for _, c in shards.iter_chunks(opened, 512)])
+         for k in shards.FIELDS}
+  for k in shards.FIELDS:
+    np.testing.assert_array_equal(got[k], ann[k])
+  key = jax.random.key(1)
+  ref = stream.balance_stream(shards.write_shards(ann, tmp_path / "npz", 3), cfg, key)
+  result = stream.balance_stream(str(folder), cfg, key)
+  np.testing.assert_allclose(result.q, ref.q, atol=1e-6)
+  np.testing.assert_array_equal(result.keep, ref.keep)
+  (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+  with pytest.raises(ValueError, match="bad.parquet.*not a readable .parquet"):
+    shards.as_shards(str(tmp_path / "bad.parquet"))
 
 
 def test_bad_values_name_the_field_and_shard(tmp_path):

@@ -10,6 +10,8 @@ Kinds of shard:
   ArrayShard    arrays already in memory (`balance(ann, ...)` uses one);
   NpzShard      an `.npz` file written by `write_shards` / `annotate.save_annotations`; multi-hot
                 fields may be stored as uint8 (4x smaller; M4 casts on the device);
+  ParquetShard  a `.parquet` file with one column per field (fixed-size lists for the [n, k]
+                fields, scalars for [n] ones), read one row group at a time;
   RecordShard   a random-access record source (e.g. `tfds.data_source(...)` of the synthetic
                 world) whose records hold the fields, for annotations kept next to the images.
 """
@@ -103,6 +105,65 @@ class NpzShard:
     return out
 
 
+class ParquetShard:
+  """One .parquet annotation file, read by row group: memory holds one row group, not the file.
+
+  Columns named like the fields; [n, k] fields are fixed-size (or equal-length) list columns.
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    self.path = os.fspath(path)
+    if not os.path.exists(self.path):
+      raise FileNotFoundError(f"annotation shard {self.path!r} does not exist.")
+    try:
+      self._file = pq.ParquetFile(self.path)
+    except Exception as e:  # pylint: disable=broad-except  # pyarrow raises several kinds
+      raise ValueError(f"annotation shard {self.path!r} is not a readable .parquet file "
+                       f"({e}).") from None
+    names = self._file.schema_arrow.names
+    if "s" not in names:
+      raise ValueError(f"annotation shard {self.path!r} has no 's' column; it has {names}.")
+    self.columns = [c for c in FIELDS if c in names]
+    meta = self._file.metadata
+    self._starts = np.cumsum([0] + [meta.row_group(i).num_rows
+                                    for i in range(meta.num_row_groups)])
+    self._n = int(self._starts[-1])
+    self._cached = (None, None)  # (row group index, arrays)
+
+  def __len__(self):
+    return self._n
+
+  def _column(self, table, name):
+    column = table.column(name).combine_chunks()
+    if hasattr(column, "flatten"):  # list column -> [rows, k]
+      values = column.flatten().to_numpy(zero_copy_only=False)
+      if len(column) and values.size % len(column):
+        raise ValueError(f"{self.path!r}: column {name!r} has lists of different lengths; "
+                         "every row needs the same number of groups / labels / proxies.")
+      return values.reshape(len(column), -1)
+    return column.to_numpy(zero_copy_only=False)
+
+  def _group(self, i):
+    if self._cached[0] != i:
+      table = self._file.read_row_group(i, columns=self.columns)
+      self._cached = (i, {c: self._column(table, c) for c in self.columns})
+    return self._cached[1]
+
+  def read(self, start, stop):
+    parts = []
+    first = int(np.searchsorted(self._starts, start, side="right")) - 1
+    for i in range(first, len(self._starts) - 1):
+      lo, hi = self._starts[i], self._starts[i + 1]
+      if lo >= stop:
+        break
+      arrays = self._group(i)
+      parts.append({k: v[max(start, lo) - lo:min(stop, hi) - lo] for k, v in arrays.items()})
+    if stop >= self._n:
+      self._cached = (None, None)
+    return {k: np.concatenate([p[k] for p in parts]) for k in self.columns} if parts else {}
+
+
 class RecordShard:
   """A random-access source of example dicts (`len`, `[i]`) with the annotation fields."""
 
@@ -125,22 +186,27 @@ class RecordShard:
 
 
 def as_shards(source) -> list:
-  """Shards from: an annotation dict, one path, a directory of .npz files, or a list of
-  shards / paths / dicts."""
+  """Shards from: an annotation dict, one path (.npz or .parquet), a directory of such files
+  (sorted by name = global row order), or a list of shards / paths / dicts."""
   if isinstance(source, Mapping):
     return [ArrayShard(source)]
   if isinstance(source, (str, os.PathLike)):
     path = os.fspath(source)
     if os.path.isdir(path):
-      files = sorted(f for f in os.listdir(path) if f.endswith(".npz") and not f.startswith("."))
+      files = sorted(f for f in os.listdir(path)
+                     if f.endswith((".npz", ".parquet")) and not f.startswith("."))
       if not files:
-        raise ValueError(f"no .npz annotation shards in directory {path!r}.")
-      return [NpzShard(os.path.join(path, f)) for f in files]
-    return [NpzShard(path)]
+        raise ValueError(f"no .npz or .parquet annotation shards in directory {path!r}.")
+      return [_file_shard(os.path.join(path, f)) for f in files]
+    return [_file_shard(path)]
   shards = [s if hasattr(s, "read") else as_shards(s)[0] for s in source]
   if not shards:
     raise ValueError("no annotation shards given.")
   return shards
+
+
+def _file_shard(path: str):
+  return ParquetShard(path) if path.endswith(".parquet") else NpzShard(path)
 
 
 def iter_chunks(shards: Sequence[Shard], chunk_size: int
