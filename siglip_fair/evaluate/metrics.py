@@ -128,6 +128,28 @@ def _check_retrieval(image_emb, text_emb, text_image, chunk_size):
   return image_emb, text_emb, text_image
 
 
+def _ranks_in_blocks(queries: np.ndarray, candidates: np.ndarray, own: np.ndarray,
+                     owner: np.ndarray, chunk_size: int) -> np.ndarray:
+  """Per query q: #candidates c with owner[c] != own[q] scoring >= q's best candidate with
+  owner[c] == own[q]. Scores come in [chunk_size, chunk_size] blocks, never [Q, M] at once:
+  one pass finds the best positive, a second counts the negatives above it. Both passes use
+  the same blocks, so a tie is a tie bit for bit."""
+  best = np.full(len(queries), -np.inf, np.result_type(queries, candidates))
+  counts = np.zeros(len(queries), np.int64)
+  for counting in (False, True):
+    for qs in range(0, len(queries), chunk_size):
+      q = slice(qs, qs + chunk_size)
+      for cs in range(0, len(candidates), chunk_size):
+        c = slice(cs, cs + chunk_size)
+        scores = queries[q] @ candidates[c].T
+        positive = owner[None, c] == own[q, None]
+        if counting:
+          counts[q] += np.sum(~positive & (scores >= best[q, None]), axis=1)
+        else:
+          best[q] = np.maximum(best[q], np.max(np.where(positive, scores, -np.inf), axis=1))
+  return counts
+
+
 def i2t_ranks(image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.ndarray,
               chunk_size: int = 1024) -> np.ndarray:
   """Image -> text ranks: per image, negatives ranked at/above its best caption.
@@ -136,7 +158,8 @@ def i2t_ranks(image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.ndarra
     image_emb: [N, D] normalised image embeddings.
     text_emb: [M, D] normalised caption embeddings (several per image).
     text_image: int [M], the index of each caption's image.
-    chunk_size: images scored at once; memory is O(chunk_size * M).
+    chunk_size: block side; memory is O(chunk_size²), so 25k images x 125k captions never
+      hold the whole similarity matrix.
 
   Returns:
     int [N]; an image is a hit at k (any of its captions in the top k) iff
@@ -151,33 +174,22 @@ def i2t_ranks(image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.ndarra
                      "text_image (e.g. image "
                      f"{np.flatnonzero(captioned == 0)[0]}); every image "
                      "needs at least one.")
-  ranks = []
-  for start in range(0, num_images, chunk_size):
-    ids = np.arange(start, min(start + chunk_size, num_images))
-    scores = image_emb[ids] @ text_emb.T
-    ranks.append(ranks_of_positives(scores, text_image[None, :] == ids[:, None]))
-  return np.concatenate(ranks)
+  return _ranks_in_blocks(image_emb, text_emb, np.arange(num_images), text_image, chunk_size)
 
 
 def t2i_ranks(image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.ndarray,
               chunk_size: int = 1024) -> np.ndarray:
   """Text -> image ranks: per caption, other images scoring >= its own image.
 
-  Args: as `i2t_ranks`; `chunk_size` captions are scored at once.
+  Args: as `i2t_ranks`; blocks of chunk_size captions x chunk_size images.
 
   Returns:
     int [M]; a caption is a hit at k iff rank < k.
   """
   image_emb, text_emb, text_image = _check_retrieval(
       image_emb, text_emb, text_image, chunk_size)
-  num_images = image_emb.shape[0]
-  ranks = []
-  for start in range(0, text_emb.shape[0], chunk_size):
-    targets = text_image[start:start + chunk_size]
-    scores = text_emb[start:start + chunk_size] @ image_emb.T
-    ranks.append(ranks_of_positives(
-        scores, targets[:, None] == np.arange(num_images)[None, :]))
-  return np.concatenate(ranks)
+  return _ranks_in_blocks(text_emb, image_emb, text_image, np.arange(image_emb.shape[0]),
+                          chunk_size)
 
 
 def retrieval_recalls(image_emb: np.ndarray, text_emb: np.ndarray,
