@@ -74,6 +74,11 @@ def get_config(arg=None):
       occupation_pairs=[(world.OCCUPATIONS[i], world.OCCUPATIONS[j])
                         for i, j in world.OCCUPATION_PAIRS],
       groups=world.GROUPS, num_bootstrap=1000)
+  # Real evaluation data next to the synthetic splits, e.g.
+  #   c.eval_data.fairface = dict(dataset="fairface", split="validation")
+  # with an evaluator on it: c.evals.fairface_gender = dict(type="attribute_accuracy",
+  #   split="fairface", prefix="fairface/"). Loaders: siglip_fair/data/datasets.py.
+  c.eval_data = ml_collections.ConfigDict()
   c.eval_batch_size = 250
   return c
 

@@ -187,6 +187,26 @@ def train_iterator(config, data: Data, keep: np.ndarray | None):
   return iter(ds)
 
 
+def eval_sources(config, data: Data) -> dict[str, Any]:
+  """The synthetic eval splits plus every real dataset of `config.eval_data`:
+  {split name: dict(dataset=DATASETS key, split=TFDS split, data_dir='', image_size=0)}, with
+  image_size 0 meaning the training resolution. Evaluators name these splits in `split`."""
+  from siglip_fair.data import datasets
+  sources = {s: data.sources[s] for s in EVAL_SPLITS}
+  for name, spec in dict(config.get("eval_data") or {}).items():
+    if name in sources:
+      raise ValueError(f"config.eval_data.{name}: the name is taken by a built-in eval split; "
+                       "choose another.")
+    unknown = set(spec) - {"dataset", "split", "data_dir", "image_size"}
+    if unknown or "dataset" not in spec or "split" not in spec:
+      raise ValueError(f"config.eval_data.{name} needs dataset and split (optional data_dir, "
+                       f"image_size); got {sorted(spec)}.")
+    sources[name] = datasets.load_source(
+        spec["dataset"], spec["split"], data_dir=spec.get("data_dir") or None,
+        image_size=spec.get("image_size") or config.world.image_size)
+  return sources
+
+
 def make_evaluators(config, data: Data, model, *, bootstrap: bool):
   from siglip_fair.evaluate import evaluators as ev
   from siglip_fair.models.two_tower import embed_fns, temperature
@@ -195,7 +215,7 @@ def make_evaluators(config, data: Data, model, *, bootstrap: bool):
   context = ev.EvalContext(embed_images=embed_images, embed_texts=embed_texts,
                            temperature=temperature,
                            tokenizer=data.tokenizer,
-                           sources={s: data.sources[s] for s in EVAL_SPLITS},
+                           sources=eval_sources(config, data),
                            batch_size=config.eval_batch_size)
   evals = config.evals.copy_and_resolve_references()
   if not bootstrap:

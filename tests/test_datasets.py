@@ -50,7 +50,7 @@ def test_celeb_a_source(tmp_path):
     for f in ("gender", "young"):
       assert r[f].dtype == np.int64 and r[f] in (0, 1)
     assert r["attributes"].shape == (40,)
-    assert r["gender"] == r["attributes"][datasets.CELEB_A_ATTRIBUTES.index("Male")]
+    assert r["gender"] == 1 - r["attributes"][datasets.CELEB_A_ATTRIBUTES.index("Male")]
 
 
 def _write_coco_metadata(root):
@@ -139,7 +139,7 @@ def test_fairface_builder(tmp_path):
   src = datasets.load_source("fairface", "train", data_dir=data_dir, image_size=8)
   got = [(int(r["gender"]), int(r["age_group"]), int(r["race"]))
          for r in _check_images(src, 8)]
-  assert got == [(1, 3, 3), (0, 8, 2), (0, 0, 6)]
+  assert got == [(0, 3, 3), (1, 8, 2), (1, 0, 6)]  # gender 0 = male, as world.GROUPS
   # Batched reads (the mock's __getitems__ is broken in TFDS 4.9, so here).
   batch = src.__getitems__([2, 0])
   np.testing.assert_array_equal(batch[1]["image"], src[0]["image"])
@@ -147,10 +147,10 @@ def test_fairface_builder(tmp_path):
   # What the evaluators read: fixed-size batches through the data pipeline.
   batches = list(pipeline.eval_batches(src, batch_size=2, fields=("image", "gender")))
   assert batches[0]["image"].shape == (2, 8, 8, 3)
-  assert batches[1]["gender"].tolist() == [0, 0] and batches[1]["mask"].tolist() == [True, False]
+  assert batches[1]["gender"].tolist() == [1, 0] and batches[1]["mask"].tolist() == [True, False]
   val = datasets.load_source("fairface", "validation", data_dir=data_dir)
   assert len(val) == 1 and val[0]["image"].shape == (12, 8, 3)
-  assert (int(val[0]["gender"]), int(val[0]["age_group"]), int(val[0]["race"])) == (1, 1, 5)
+  assert (int(val[0]["gender"]), int(val[0]["age_group"]), int(val[0]["race"])) == (0, 1, 5)
 
 
 def test_utkface_builder(tmp_path):
@@ -168,7 +168,7 @@ def test_utkface_builder(tmp_path):
   src = datasets.load_source("utkface", "train", data_dir=data_dir)
   got = sorted((int(r["age_group"]), int(r["gender"]), int(r["race"]))
                for r in _check_images(src, None))
-  assert got == [(1, 0, 4), (3, 1, 2), (8, 0, 0)]
+  assert got == [(1, 1, 4), (3, 0, 2), (8, 1, 0)]
 
 
 def test_face_builders_missing_manual_dir(tmp_path):
@@ -183,8 +183,8 @@ def test_face_builders_missing_manual_dir(tmp_path):
 
 
 def test_parse_utkface_name_and_age_groups():
-  assert faces.parse_utkface_name("1_0_0_2016.jpg")["gender"] == 1
-  assert faces.parse_utkface_name("1_1_0_2016.jpg")["gender"] == 0
+  assert faces.parse_utkface_name("1_0_0_2016.jpg")["gender"] == 0  # male
+  assert faces.parse_utkface_name("1_1_0_2016.jpg")["gender"] == 1
   assert faces.parse_utkface_name("1_2_0_2016.jpg") is None
   assert faces.parse_utkface_name("1_0_5_2016.jpg") is None
   edges = {0: 0, 2: 0, 3: 1, 9: 1, 10: 2, 19: 2, 20: 3, 69: 7, 70: 8, 116: 8}

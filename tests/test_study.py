@@ -146,3 +146,46 @@ def test_data_schedule_switches_to_proxy_balanced_data(data_dir, tmp_path):
   with open(tmp_path / "balance_proxies" / "card.json") as f:
     card = json.load(f)
   assert card["settings"]["use_proxies"] is True
+
+
+def test_real_eval_data_from_config(data_dir, tmp_path):
+  """A FairFace folder built by its TFDS builder feeds an evaluator named in the config."""
+  import csv
+  import PIL.Image
+  from siglip_fair.data import faces
+  from siglip_fair.models import make_model
+  import jax
+  manual = tmp_path / "fairface"
+  (manual / "val").mkdir(parents=True)
+  (manual / "train").mkdir()
+  PIL.Image.new("RGB", (20, 20), (0, 0, 0)).save(manual / "train/0.jpg")
+  with open(manual / "fairface_label_train.csv", "w", newline="") as f:
+    csv.writer(f).writerows([["file", "age", "gender", "race", "service_test"],
+                             ["train/0.jpg", "3-9", "Male", "White", "True"]])
+  with open(manual / "fairface_label_val.csv", "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["file", "age", "gender", "race", "service_test"])
+    for i in range(6):
+      PIL.Image.new("RGB", (20, 20), (40 * i, 90, 200)).save(manual / f"val/{i}.jpg")
+      writer.writerow([f"val/{i}.jpg", "20-29", ("Male", "Female")[i % 2], "Indian", "True"])
+  faces.build("fairface", manual, tmp_path / "tfds")
+  cfg = small_config(data_dir, "steps=4,variant=mu/8,batch=32,depth=1")
+  cfg.eval_data.ff = dict(dataset="fairface", split="validation", data_dir=str(tmp_path / "tfds"))
+  cfg.evals = {"ff": dict(type="attribute_accuracy", split="ff", prefix="fairface/",
+                          bootstrap=dict(num_samples=0))}
+  data = study.prepare_data(cfg, str(tmp_path))
+  sources = study.eval_sources(cfg, data)
+  assert len(sources["ff"]) == 6 and sources["ff"][0]["image"].shape == (32, 32, 3)
+  model = make_model(cfg.model)
+  params = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32),
+                      np.ones((1, 16), np.int32))["params"]
+  from siglip_fair.evaluate import evaluators as ev
+  out = ev.run_all(study.make_evaluators(cfg, data, model, bootstrap=False), params)
+  # Both gender labels have 3 images, so each per-group accuracy is a multiple of 1/3.
+  assert set(out) >= {"fairface/gender_acc", "fairface/gender_acc/man",
+                      "fairface/gender_acc/woman"}
+  for g in ("man", "woman"):
+    assert out[f"fairface/gender_acc/{g}"] in (0.0, 1 / 3, 2 / 3, 1.0)
+  cfg.eval_data.people = dict(dataset="fairface", split="validation")
+  with pytest.raises(ValueError, match="taken by a built-in eval split"):
+    study.eval_sources(cfg, data)

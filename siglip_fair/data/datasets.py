@@ -11,9 +11,10 @@ Fields per dataset:
   imagenet2012, imagenet_v2, cifar100: label int64.
   coco_captions (Karpathy splits test/val/restval/train): captions object
     array of bytes [5], image_id int64.
-  celeb_a: gender int64 (0 female, 1 male; from `Male`), young int64,
+  celeb_a: gender int64 (0 male, 1 female; from `Male`), young int64,
     attributes uint8 [40] in CELEB_A_ATTRIBUTES order.
-  fairface, utkface (see `faces`): gender int64 (0 female, 1 male),
+  fairface, utkface (see `faces`): gender int64 (0 male, 1 female, as the synthetic world's
+    GROUPS = ("man", "woman")),
     age_group int64, race int64.
 """
 from __future__ import annotations
@@ -70,7 +71,7 @@ def _coco(ex: Mapping[str, Any]) -> dict[str, Any]:
 def _celeb_a(ex: Mapping[str, Any]) -> dict[str, Any]:
   attrs = ex["attributes"]
   return {
-      "gender": np.int64(bool(attrs["Male"])),
+      "gender": np.int64(not attrs["Male"]),  # 0 = male: the index of "man" in GROUPS
       "young": np.int64(bool(attrs["Young"])),
       "attributes": np.array([bool(attrs[a]) for a in CELEB_A_ATTRIBUTES],
                              np.uint8),

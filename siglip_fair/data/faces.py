@@ -7,8 +7,8 @@ them without TensorFlow. The original JPEG bytes are stored unchanged:
 `tfds.features.Image` would need TensorFlow to *re-encode* an array, but passes
 existing JPEG bytes through.
 
-Labels use OUR convention, shared with the synthetic world and CelebA:
-gender 0 = female, 1 = male; age in FairFace's nine groups; race as each
+Labels use OUR convention, shared with the synthetic world (GROUPS = ("man", "woman")) and
+CelebA: gender 0 = male, 1 = female; age in FairFace's nine groups; race as each
 dataset publishes it (FairFace has 7 groups, UTKFace 5).
 
 Build (once, in any environment; no network needed):
@@ -28,7 +28,7 @@ import tensorflow_datasets as tfds
 
 _VERSION = "1.0.0"
 
-GENDERS = ("female", "male")
+GENDERS = ("male", "female")  # index order = world.GROUPS ("man", "woman")
 AGE_GROUPS = ("0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59",
               "60-69", "more than 70")
 FAIRFACE_RACES = ("White", "Black", "Latino_Hispanic", "East Asian",
@@ -136,8 +136,8 @@ def parse_utkface_name(file_name: str) -> dict | None:
   if m is None:
     return None
   age, utk_gender, race = int(m[1]), int(m[2]), int(m[3])
-  # UTKFace codes 0 = male, 1 = female; ours is 0 = female, 1 = male.
-  return {"gender": 1 - utk_gender, "age_group": age_group(age), "race": race,
+  # UTKFace codes 0 = male, 1 = female, as ours does.
+  return {"gender": utk_gender, "age_group": age_group(age), "race": race,
           "age": age}
 
 
