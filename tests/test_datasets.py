@@ -206,3 +206,47 @@ def test_classnames(tmp_path):
   assert classnames.read_class_names(f) == ("tench", "goldfish")
   with pytest.raises(ValueError, match="expected 1000"):
     classnames.imagenet_class_names(f)
+
+
+def test_cifar100_zero_shot_evaluator_end_to_end(tmp_path):
+  """The ZeroShot evaluator on (mock) CIFAR-100 with the CLIP templates and class names gives
+  the top-k of a brute-force argsort over the same model's embeddings."""
+  import jax
+  import ml_collections
+  from siglip_fair.evaluate import evaluators as ev
+  from siglip_fair.evaluate import metrics
+  from siglip_fair.models import embed_fns, make_model
+
+  class Words:  # a word-hash tokenizer: enough to tell 100 class prompts apart
+    def encode(self, texts):
+      out = np.zeros((len(texts), 12), np.int32)
+      for row, text in zip(out, texts):
+        ids = [1 + sum(map(ord, w)) % 300 for w in str(text).split()][:12]
+        row[:len(ids)] = ids
+      return out
+
+  model = make_model(ml_collections.ConfigDict(dict(
+      image=dict(variant="mu/4"), text=dict(variant="mu", vocab_size=320, max_len=12),
+      embed_dim=16)))
+  params = model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32),
+                      np.ones((1, 12), np.int32))["params"]
+  embed_images, embed_texts = embed_fns(model)
+  templates = classnames.CLIP_IMAGENET_TEMPLATES[:3]
+  with tfds.testing.mock_data(num_examples=10, policy=tfds.testing.MockPolicy.USE_CODE):
+    src = datasets.load_source("cifar100", "test", data_dir=tmp_path, image_size=16)
+    context = ev.EvalContext(embed_images, embed_texts, Words(), {"cifar": src}, batch_size=4)
+    config = {"zeroshot": dict(split="cifar", label_key="label",
+                               classes=list(classnames.CIFAR100_CLASSES), templates=templates,
+                               ks=(1, 50), bootstrap=dict(num_samples=0))}
+    out = ev.run_all(ev.build_evaluators(config, context), params)
+    records = [src[i] for i in range(len(src))]
+  images = np.stack([pipeline.normalize_image(r["image"]) for r in records])
+  labels = np.array([r["label"] for r in records])
+  texts, spans = prompts.prompt_sets({c: [c] for c in classnames.CIFAR100_CLASSES}, templates)
+  class_emb = metrics.prompt_ensemble(np.asarray(embed_texts(params, Words().encode(texts))),
+                                      spans)
+  scores = np.asarray(embed_images(params, images)) @ class_emb.T
+  rank = np.sum(scores >= scores[np.arange(len(labels)), labels][:, None], axis=1) - 1
+  for k in (1, 50):
+    assert out[f"zeroshot/top{k}"] == pytest.approx(np.mean(rank < k), abs=1e-6)
+  assert 0 < out["zeroshot/top50"] < 1  # an untrained model: top-50 of 100 is informative
