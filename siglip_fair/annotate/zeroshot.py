@@ -28,7 +28,7 @@ import numpy as np
 from siglip_fair.annotate.combine import FIELDS, precision_recall
 from siglip_fair.data import world
 from siglip_fair.evaluate import metrics, prompts
-from siglip_fair.evaluate.evaluators import _embed_fixed, preprocess_images
+from siglip_fair.evaluate.base import embed_fixed, preprocess_images
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -194,7 +194,7 @@ class ZeroShotAnnotator:
     """field -> [K, D] template/synonym-ensembled prompt-set embeddings."""
     bs = int(self.cfg.batch_size)
     return {f: metrics.prompt_ensemble(
-        _embed_fixed(self.embed_texts, params, tokens, bs), spans)
+        embed_fixed(self.embed_texts, params, tokens, bs), spans)
             for f, (tokens, spans) in self.tokens.items()}
 
   def image_embeddings(self, params, source) -> np.ndarray:
@@ -209,7 +209,7 @@ class ZeroShotAnnotator:
     for start in range(0, n, bs):
       images = np.stack([source[i]["image"]
                          for i in range(start, min(start + bs, n))])
-      embs.append(_embed_fixed(self.embed_images, params,
+      embs.append(embed_fixed(self.embed_images, params,
                                preprocess_images(images), bs))
     return np.concatenate(embs)
 

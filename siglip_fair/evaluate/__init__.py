@@ -5,8 +5,10 @@
 * `bootstrap`: percentile confidence intervals over images.
 * `fairness`: MaxSkew@k, NDKL@k, per-group / worst-group accuracy, template bootstrap.
 * `data_bias`: the same biases measured on dataset annotations (before/after M4).
-* `evaluators`: `build_evaluators(config.evals, context)`, `run_all(evaluators, params)`,
-  `as_rows(results)` (one JSON row per metric).
+* `base`: the evaluator protocol (`EvalContext`, `Evaluator`) and shared batching.
+* `evaluators`: quality evaluators, the registry, `build_evaluators(config.evals, context)`,
+  `run_all(evaluators, params)`, `as_rows(results)` (one JSON row per metric);
+  `bias_evaluators`: RB, AB, attribute accuracy, retrieval skew.
 """
 from siglip_fair.evaluate.bootstrap import bootstrap_ci
 from siglip_fair.evaluate.data_bias import data_bias_before_after, data_bias_metrics
