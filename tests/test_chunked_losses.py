@@ -10,23 +10,9 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from siglip_fair.train import chunked_losses, losses
+from loss_cases import full_loss, inputs
 
 T, BIAS = 7.3, -4.1
-
-
-def _inputs(n, d=16, seed=0):
-  rng = np.random.default_rng(seed)
-  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
-  zimg = unit(rng.normal(size=(n, d))).astype(np.float32)
-  ztxt = unit(zimg + 0.8 * rng.normal(size=(n, d))).astype(np.float32)  # correlated pairs
-  weights = rng.uniform(0.2, 2.0, n).astype(np.float32)
-  return jnp.asarray(zimg), jnp.asarray(ztxt), jnp.asarray(weights)
-
-
-def _full(name):
-  if name == "sigmoid":
-    return lambda zi, zt, t, b, w: losses.sigmoid_loss(zi, zt, t, b, w)
-  return lambda zi, zt, t, b, w: losses.softmax_loss(zi, zt, t, w)
 
 
 def _value_and_grads(fn):
@@ -35,9 +21,9 @@ def _value_and_grads(fn):
 
 @functools.cache
 def _reference(name, n, weighted):
-  zimg, ztxt, weights = _inputs(n, seed=n)
+  zimg, ztxt, weights = inputs(n, seed=n)
   args = (zimg, ztxt, jnp.float32(T), jnp.float32(BIAS), weights if weighted else None)
-  return args, _value_and_grads(_full(name))(*args)
+  return args, _value_and_grads(full_loss(name))(*args)
 
 
 def _rel(a, b, floor=0.0):
@@ -75,8 +61,8 @@ def test_chunked_equals_full_loss_in_value_gradient_and_metrics(name, n, chunk, 
 
 
 @pytest.mark.parametrize("name", ["sigmoid", "softmax"])
-def test_direct_functions_under_jit_with_sharded_inputs(name):
-  zimg, ztxt, weights = _inputs(24, seed=3)
+def test_direct_functions_under_jit_with_shardedinputs(name):
+  zimg, ztxt, weights = inputs(24, seed=3)
   mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
   shard = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))
   if name == "sigmoid":
@@ -102,7 +88,7 @@ def _temp_bytes(fn, n, d):
       .temp_size_in_bytes
 
 
-def test_chunked_sigmoid_temp_memory_is_a_fraction_of_full():
+def test_chunked_sigmoid_temp_memory_is_a_fraction_offull_loss():
   n, d, chunk = 2048, 64, 128
   full = _temp_bytes(losses.sigmoid_loss, n, d)
   chunked = _temp_bytes(chunked_losses.chunked_loss("sigmoid", chunk), n, d)
@@ -113,7 +99,7 @@ def test_chunked_sigmoid_temp_memory_is_a_fraction_of_full():
 
 
 def test_bad_inputs_raise():
-  zimg, ztxt, weights = _inputs(8)
+  zimg, ztxt, weights = inputs(8)
   for chunk in (0, -3, 2.0, True, None):
     with pytest.raises(ValueError, match="chunk must be a positive int"):
       chunked_losses.chunked_loss("sigmoid", chunk)

@@ -7,26 +7,12 @@ import pytest
 from jax.sharding import AxisType
 
 from siglip_fair.train import losses, ring_losses
+from loss_cases import full_loss, inputs
 
 
 def _mesh(num):
   return jax.make_mesh((num,), ("data",), axis_types=(AxisType.Auto,),
                        devices=jax.devices()[:num])
-
-
-def _inputs(n, d=16, seed=0):
-  rng = np.random.default_rng(seed)
-  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
-  zimg = unit(rng.normal(size=(n, d))).astype(np.float32)
-  ztxt = unit(zimg + 0.8 * rng.normal(size=(n, d))).astype(np.float32)  # correlated pairs
-  weights = rng.uniform(0.2, 2.0, n).astype(np.float32)
-  return jnp.asarray(zimg), jnp.asarray(ztxt), jnp.asarray(weights)
-
-
-def _full(name):
-  if name == "sigmoid":
-    return lambda zi, zt, t, b, w: losses.sigmoid_loss(zi, zt, t, b, w)
-  return lambda zi, zt, t, b, w: losses.softmax_loss(zi, zt, t, w)
 
 
 def _rel(a, b):
@@ -44,10 +30,10 @@ CASES = [(8, 8), (8, 32), (4, 24), (2, 6), (8, 13), (4, 3), (8, 1)]
 @pytest.mark.parametrize("name", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("num, n", CASES)
 def test_ring_equals_full_loss_in_value_and_gradient(name, num, n):
-  zimg, ztxt, weights = _inputs(n, seed=num * 100 + n)
+  zimg, ztxt, weights = inputs(n, seed=num * 100 + n)
   t, b = jnp.float32(7.3), jnp.float32(-4.1)
   ring = ring_losses.ring_loss(name, _mesh(num))
-  full = _full(name)
+  full = full_loss(name)
 
   def value(fn):
     return lambda zi, zt, t, b, w: fn(zi, zt, t, b, w)[0]
@@ -68,7 +54,7 @@ def test_ring_equals_full_loss_in_value_and_gradient(name, num, n):
 
 
 def test_ring_without_weights_and_errors():
-  zimg, ztxt, _ = _inputs(16)
+  zimg, ztxt, _ = inputs(16)
   ring = ring_losses.ring_loss("sigmoid", _mesh(4))
   np.testing.assert_allclose(ring(zimg, ztxt, 10.0, -10.0)[0],
                              losses.sigmoid_loss(zimg, ztxt, 10.0, -10.0)[0], rtol=1e-6)
@@ -82,7 +68,7 @@ def test_ring_temporaries_are_a_fraction_of_the_full_loss():
   # Compiled temporary memory of one loss evaluation: the full loss materialises [B, B] logits,
   # the ring only [B/D, B/D] per device.
   n, d = 2048, 32
-  zimg, ztxt, weights = _inputs(n, d)
+  zimg, ztxt, weights = inputs(n, d)
   mesh = _mesh(8)
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   args = [jax.device_put(x, sharding) for x in (zimg, ztxt)]
@@ -99,7 +85,7 @@ def test_ring_gradient_temporaries_are_at_most_a_quarter_of_the_full_loss(name):
   # With gradients: autodiff of the ring scan would keep every visiting text block (O(B·D) per
   # device); the custom VJP passes them round again instead, so only O(b²) blocks remain.
   n, d = 4096, 256
-  zimg, ztxt, weights = _inputs(n, d)
+  zimg, ztxt, weights = inputs(n, d)
   mesh = _mesh(8)
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   args = [jax.device_put(x, sharding) for x in (zimg, ztxt, weights)]
@@ -107,5 +93,5 @@ def test_ring_gradient_temporaries_are_at_most_a_quarter_of_the_full_loss(name):
   grad = lambda fn: jax.jit(jax.value_and_grad(  # noqa: E731
       lambda zi, zt, w: fn(zi, zt, 10.0, -10.0, w)[0], argnums=(0, 1)))
   ring_mem = grad(ring).lower(*args).compile().memory_analysis().temp_size_in_bytes
-  full_mem = grad(_full(name)).lower(*args).compile().memory_analysis().temp_size_in_bytes
+  full_mem = grad(full_loss(name)).lower(*args).compile().memory_analysis().temp_size_in_bytes
   assert ring_mem * 4 <= full_mem, (ring_mem, full_mem)
