@@ -5,6 +5,7 @@ cluster re-sampling.
 * `cluster`: jitted k-means (k-means++, restarts) and pseudo-group quality (ARI, NMI, purity).
 * `metrics`: accuracy, worst-group accuracy, gap, demographic-parity and equalised-odds
   differences of a target classifier.
+* `tasks`: offline debiasing tasks (coloured digits with a spurious colour shortcut).
 """
 from siglip_fair.debias.cluster import (KMeansResult, adjusted_rand_index, kmeans,
                                         normalized_mutual_info, purity)
