@@ -107,12 +107,15 @@ class Evaluator:
     texts, spans = prompts.prompt_sets(sets, self.config["templates"])
     return self.context.tokenizer.encode(texts), spans
 
+  def _embed_prompts(self, params, encoded) -> np.ndarray:
+    """[P, D] L2-normalised embeddings of every prompt of `_encode_prompt_sets` output."""
+    tokens, _ = encoded
+    return metrics.l2_normalize(np.asarray(embed_fixed(
+        self.context.embed_texts, params, np.asarray(tokens), self.context.batch_size)))
+
   def _embed_prompt_sets(self, params, encoded) -> np.ndarray:
     """[S, D] template/synonym ensembles from `_encode_prompt_sets` output."""
-    tokens, spans = encoded
-    emb = embed_fixed(self.context.embed_texts, params, np.asarray(tokens),
-                       self.context.batch_size)
-    return metrics.prompt_ensemble(emb, spans)
+    return metrics.prompt_ensemble(self._embed_prompts(params, encoded), encoded[1])
 
   def _embed_split(self, params, fields: Sequence[str]):
     """Image embeddings [N, D] and {field: list of N values} of the split, read through

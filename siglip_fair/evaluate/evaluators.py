@@ -56,7 +56,8 @@ class ZeroShot(Evaluator):
     self._prompts = self._encode_prompt_sets(word_sets(self.config["classes"]))
 
   def run(self, params):
-    class_emb = self._embed_prompt_sets(params, self._prompts)
+    prompt_emb = self._embed_prompts(params, self._prompts)  # once, for both ensembles
+    class_emb = metrics.prompt_ensemble(prompt_emb, self._prompts[1])
     emb, values = self._embed_split(params, [self.config["label_key"]])
     labels = np.asarray(values[self.config["label_key"]], np.int64)
     keep = labelled(labels, self)
@@ -65,12 +66,10 @@ class ZeroShot(Evaluator):
     for k in self.config["ks"]:
       yield from self._with_ci(f"top{k}", mean_last, (ranks < k).astype(np.float32))
     if self.config["template_bootstrap"]:
-      yield from self._template_intervals(params, emb[keep], labels[keep])
+      yield from self._template_intervals(prompt_emb, emb[keep], labels[keep])
 
-  def _template_intervals(self, params, emb, labels):
-    tokens, spans = self._prompts
-    prompt_emb = metrics.l2_normalize(np.asarray(embed_fixed(
-        self.context.embed_texts, params, np.asarray(tokens), self.context.batch_size)))
+  def _template_intervals(self, prompt_emb, emb, labels):
+    spans = self._prompts[1]
     num_templates = len(self.config["templates"])
     cfg = self.config["bootstrap"]
     rng = np.random.default_rng(cfg["seed"])
