@@ -17,6 +17,7 @@ _DEFAULT_CONFIG = {
     "train": "configs/siglip.py",
     "eval": "configs/siglip.py",
     "report": "configs/siglip.py",
+    "debias": "configs/debias.py",
 }
 
 _HELP = {
@@ -36,6 +37,11 @@ _HELP = {
     "report": ("Plot RB, AB and quality against examples seen for every run under the workdir "
                "(or the folders given with --runs) and tabulate their final metrics: writes "
                "report.png and report.md to the workdir."),
+    "debias": ("CLIP-debias: infer sensitive groups from a two-tower model's similarities to "
+               "attribute prompts, cluster them, and train a target model with loss-aware "
+               "cluster re-sampling, against ERM, JTT, GroupDRO and the true-group oracles over "
+               "several seeds (analysis=methods: results.md/png), or vary prompts, k, F and tau "
+               "(analysis=sensitivity: sensitivity.md/png)."),
 }
 
 
@@ -107,8 +113,15 @@ def _commands() -> dict[str, Callable]:
     for path in runs_lib.write_report(found, workdir):
       print(f"report: wrote {path}")
 
+  def debias(config, workdir):
+    from siglip_fair.debias import run as debias_run, sensitivity
+    analyses = {"methods": debias_run.run, "sensitivity": sensitivity.run}
+    if config.analysis not in analyses:
+      raise ValueError(f"analysis={config.analysis!r}; use one of {sorted(analyses)}.")
+    analyses[config.analysis](config, workdir)
+
   return {"demo": demo, "data": data, "balance": balance, "train": train, "eval": evaluate,
-          "report": report}
+          "report": report, "debias": debias}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
