@@ -57,6 +57,13 @@ def _prompts(task: str) -> ml_collections.ConfigDict:
             "colours8": {c: [c] for c in ("red", "brown", "green", "blue", "white", "yellow",
                                            "purple", "orange")}}
     use = "colour"
+  elif task == "utkface":
+    # UTKFace's race labels, in faces.UTKFACE_RACES order.
+    sets = {"race": {"white": ["a white person"], "black": ["a black person"],
+                     "asian": ["an asian person"], "indian": ["an indian person"],
+                     "other": ["a latino person", "a middle eastern person"]},
+            "gender": {"man": ["a man"], "woman": ["a woman"]}}
+    use = "race"
   elif task == "dollar_street":
     sets = {"income": {"poor": ["a poor home", "a simple house"],
                        "rich": ["a rich home", "a luxurious house"]}}
@@ -87,15 +94,16 @@ def get_config(arg=None):
       eos="none", batch_size=256, config=siglip.get_config(f"steps={arg.clip_steps}")))
   c.clip.config.progress = False
 
-  # Pseudo groups: k-means of the standardised similarity vectors, crossed with the target
-  # label (groups are (label, attribute) pairs, as in the fairness literature).
-  c.cluster = ml_collections.ConfigDict(dict(k=2, restarts=10, iters=300, seed=0,
+  # Pseudo groups: k-means of the standardised similarity vectors (k = 0: as many clusters as
+  # the sensitive attribute has values), crossed with the target label (groups are
+  # (label, attribute) pairs, as in the fairness literature).
+  c.cluster = ml_collections.ConfigDict(dict(k=0, restarts=10, iters=300, seed=0,
                                              cross_with_label=True))
 
   c.target = ml_collections.ConfigDict(dict(
       net=arg.net, net_kwargs=dict(width=16) if arg.net == "small_cnn" else {},
       optimizer="adam", learning_rate=1e-3, weight_decay=1e-4, momentum=0.9,
-      batch_size=64, steps=arg.steps, eval_every=max(arg.steps // 10, 1),
+      batch_size=64, steps=arg.steps, eval_every="10%",  # steps, '10%', '2ep' or '5000ex'
       selection="worst_pseudo_group",
       # clip_debias: loss-aware re-sampling every refresh_every (F) steps at temperature tau,
       # cluster losses measured on up to probe_per_group training examples per group.

@@ -70,9 +70,10 @@ def pseudo_groups(config, task: tasks.Task, sims: dict[str, np.ndarray],
   centre. With cluster.cross_with_label, group = label * k + cluster.
   """
   cfg = config.cluster
-  k = int(cfg.k if k is None else k)
+  # k = 0: as many clusters as the sensitive attribute has values (SPEC §6.2).
+  k = int((cfg.k or task.num_sensitive) if k is None else k)
   if k < 1:
-    raise ValueError(f"cluster.k={k} must be >= 1.")
+    raise ValueError(f"cluster.k={k} must be >= 1 (or 0 for the number of attribute values).")
   train = infer.standardize(sims["train"])
   result = cluster.kmeans(train, k, key=jax.random.key(int(cfg.seed)), restarts=int(cfg.restarts),
                           iters=int(cfg.iters))
@@ -158,15 +159,20 @@ def oracle_gain_share(summary) -> float:
   return float((summary["clip_debias"][key][0] - erm) / gain) if gain > 0 else float("nan")
 
 
-def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
-  """The methods comparison on config.task; returns (and writes) the results."""
+def run(config, workdir: str, log: Callable[[str], None] = print,
+        get_handle: Callable[[], infer.TwoTowerHandle] | None = None) -> dict:
+  """The methods comparison on config.task; returns (and writes) the results.
+
+  get_handle: supplies the two-tower model instead of `config.clip` (e.g. one already loaded
+  in a notebook); called only when the similarities are not cached.
+  """
   from siglip_fair.debias import report
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
   task = tasks.load_task(config.task)
   log(f"debias: task {task.name}: " + ", ".join(
       f"{s} {len(a['label'])}" for s, a in task.splits.items()))
-  sims = similarities(config, workdir, task, log=log)
+  sims = similarities(config, workdir, task, get_handle=get_handle, log=log)
   groups, quality = pseudo_groups(config, task, sims)
   log("debias: pseudo groups vs true attribute: " + ", ".join(
       f"{k} {v:.3f}" for k, v in quality.items()))

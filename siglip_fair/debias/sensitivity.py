@@ -19,8 +19,10 @@ def _cell(records, key):
   return run_lib.summarize(records)[records[0]["method"]].get(key)
 
 
-def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
-  """The sensitivity table on config.task; returns (and writes) it."""
+def run(config, workdir: str, log: Callable[[str], None] = print,
+        get_handle: Callable[[], infer.TwoTowerHandle] | None = None) -> dict:
+  """The sensitivity table on config.task; returns (and writes) it (get_handle as in
+  `run.run`)."""
   from siglip_fair.debias import report
   start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
@@ -34,7 +36,8 @@ def run(config, workdir: str, log: Callable[[str], None] = print) -> dict:
   def handle():
     # Loaded once, and only if some prompt set's similarities are not cached yet.
     if not handles:
-      handles.append(infer.load_two_tower(config.clip, workdir, log))
+      handles.append(get_handle() if get_handle else
+                     infer.load_two_tower(config.clip, workdir, log))
     return handles[0]
 
   def sims_for(name):

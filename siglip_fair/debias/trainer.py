@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from siglip_fair.config import durations
 from siglip_fair.debias import nets, sampling
 from siglip_fair.evaluate.fairness import group_accuracies
 
@@ -210,7 +211,8 @@ def _run(cfg, net, tx, method, train, val, key, seeds, probs, groups, num_groups
            if method == "clip_debias" else None)
   q = jnp.full((num_groups,), 1.0 / num_groups, jnp.float32)
   history, best, best_score, best_step = [], None, -np.inf, 0
-  every = max(int(cfg.eval_every), 1)
+  every = max(durations.to_steps(cfg.eval_every, batch_size=bs, total_steps=steps,
+                                 num_examples=len(train), name="target.eval_every"), 1)
   for step in range(steps):
     if probe is not None and step % int(cfg.refresh_every) == 0:
       losses, _ = evaluate(net, variables, train.images[probe], train.labels[probe], bs)
