@@ -12,7 +12,7 @@ from siglip_fair.debias import nets, sampling, tasks, trainer
 
 def _cfg(**kw):
   base = dict(net="small_cnn", net_kwargs=dict(width=8), optimizer="adam", learning_rate=3e-3,
-              weight_decay=0.0, momentum=0.9, batch_size=32, steps=60, eval_every=20,
+              weight_decay=0.0, momentum=0.9, batch_size=32, steps=60, eval_every="20",
               selection="worst_pseudo_group", tau=0.1, refresh_every=10, probe_per_group=64,
               dro_step_size=0.5, jtt_first_steps=20, jtt_upweight=5.0)
   base.update(kw)
@@ -90,7 +90,7 @@ def test_reweighting_methods_beat_erm_on_the_minority_groups():
   n = len(train_data["label"])
   train, val = _digits(np.arange(n - 200), train_data), _digits(np.arange(n - 200, n), train_data)
   test = _digits(np.arange(len(test_data["label"])), test_data)
-  cfg = _cfg(steps=300, eval_every=100, selection="last", batch_size=64, tau=1.0,
+  cfg = _cfg(steps=300, eval_every="100", selection="last", batch_size=64, tau=1.0,
              refresh_every=25, learning_rate=1e-3, net_kwargs=dict(width=16))
   worst = {}
   for method in ("erm", "clip_debias", "oracle_balanced"):
@@ -111,3 +111,17 @@ def test_unknown_method_and_missing_true_groups_are_named():
   blind = trainer.Split(split.images, split.labels, split.groups, None)
   with pytest.raises(ValueError, match="true groups"):
     trainer.train_target(_cfg(), "oracle_balanced", blind, blind, 0, num_classes=2)
+
+
+def test_resnet18_trains_with_batch_statistics():
+  data = tasks.coloured_digits("train", size=16)
+  split = _digits(np.arange(128), data)
+  cfg = _cfg(net="resnet18", net_kwargs=dict(width=8, small_images=True), steps=4,
+             eval_every="2", batch_size=16)
+  result = trainer.train_target(cfg, "erm", split, split, 0, num_classes=2)
+  init = nets.init_variables(nets.ResNet18(2, width=8, small_images=True), jax.random.key(0),
+                             (16, 16, 3))
+  moved = jax.tree.map(lambda a, b: not np.allclose(a, b), result.variables["batch_stats"],
+                       init["batch_stats"])
+  assert all(jax.tree.leaves(moved))
+  assert [h["step"] for h in result.history] == [2, 4]
