@@ -20,6 +20,8 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> str:
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_" + os.path.basename(path) + ".")
   try:
+    # mkstemp makes the file owner-only (0600); outputs are meant to be shared like any file.
+    os.fchmod(fd, 0o644)
     with os.fdopen(fd, "wb") as f:
       f.write(data.encode("utf-8") if isinstance(data, str) else data)
       f.flush()

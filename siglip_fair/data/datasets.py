@@ -16,6 +16,8 @@ Fields per dataset:
   fairface, utkface (see `faces`): gender int64 (0 male, 1 female, as the synthetic world's
     GROUPS = ("man", "woman")),
     age_group int64, race int64.
+  dollar_street (see `dollar_street`): topic bytes, income_quartile int64 (0-3), region int64
+    (index into dollar_street.REGIONS).
 """
 from __future__ import annotations
 
@@ -82,6 +84,12 @@ def _faces(ex: Mapping[str, Any]) -> dict[str, Any]:
   return {k: np.int64(ex[k]) for k in ("gender", "age_group", "race")}
 
 
+def _dollar_street(ex: Mapping[str, Any]) -> dict[str, Any]:
+  topic = ex["topic"]
+  return {"topic": topic.encode("utf-8") if isinstance(topic, str) else bytes(topic),
+          "income_quartile": np.int64(ex["income_quartile"]), "region": np.int64(ex["region"])}
+
+
 class DatasetSpec(NamedTuple):
   tfds_name: str
   fields: Callable[[Mapping[str, Any]], dict[str, Any]]
@@ -95,6 +103,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "celeb_a": DatasetSpec("celeb_a", _celeb_a),
     "fairface": DatasetSpec("fairface", _faces),
     "utkface": DatasetSpec("utkface", _faces),
+    "dollar_street": DatasetSpec("dollar_street", _dollar_street),
 }
 
 _MANUAL = {
@@ -247,6 +256,9 @@ def load_source(name: str, split: str, *, data_dir=None,
   spec = DATASETS[name]
   if name in faces.BUILDERS:
     source = faces.data_source(spec.tfds_name, split, data_dir)
+  elif name == "dollar_street":
+    from siglip_fair.data import dollar_street  # pylint: disable=g-import-not-at-top
+    source = dollar_street.data_source(split, data_dir)
   else:
     source = _tfds_source(spec.tfds_name, split, data_dir)
   return Records(source, spec.fields, image_size)

@@ -125,7 +125,8 @@ def _world_task(cfg) -> Task:
   return Task("world", splits, 2, ("man", "woman"))
 
 
-def _tfds_arrays(name, split, cfg, target_fn, sensitive_fn, rows=None) -> dict[str, np.ndarray]:
+def _tfds_arrays(name, split, cfg, target_fn, sensitive_fn, rows=None,
+                 topics=False) -> dict[str, np.ndarray]:
   from siglip_fair.data.datasets import load_source  # pylint: disable=g-import-not-at-top
   source = load_source(name, split, data_dir=cfg.get("data_dir") or None,
                        image_size=cfg.image_size)
@@ -135,9 +136,12 @@ def _tfds_arrays(name, split, cfg, target_fn, sensitive_fn, rows=None) -> dict[s
   if not len(rows):
     raise ValueError(f"{name} split {split!r} is empty.")
   records = [source[int(i)] for i in rows]
-  return {"image": np.stack([r["image"] for r in records]),
-          "label": np.array([target_fn(r) for r in records], np.int64),
-          "sensitive": np.array([sensitive_fn(r) for r in records], np.int64)}
+  out = {"image": np.stack([r["image"] for r in records]),
+         "label": np.array([target_fn(r) for r in records], np.int64),
+         "sensitive": np.array([sensitive_fn(r) for r in records], np.int64)}
+  if topics:
+    out["topic"] = np.array([r["topic"].decode("utf-8") for r in records])
+  return out
 
 
 def _celeb_a_task(cfg) -> Task:
@@ -177,23 +181,31 @@ def _utkface_task(cfg) -> Task:
 
 
 def _dollar_street_task(cfg) -> Task:
+  """Target: the object's topic among the `num_topics` most frequent training topics (images of
+  other topics are left out); sensitive: the home's income quartile or region."""
   from siglip_fair.data import dollar_street  # pylint: disable=g-import-not-at-top
   names = {"region": dollar_street.REGIONS,
            "income_quartile": tuple(f"income Q{i + 1}" for i in range(4))}
   if cfg.sensitive not in names:
     raise ValueError(f"task.sensitive={cfg.sensitive!r}; Dollar Street groups are {sorted(names)}.")
+  raw = {split: _tfds_arrays("dollar_street", split, cfg, lambda r: 0,
+                             lambda r: r[cfg.sensitive], topics=True)
+         for split in ("train", "test")}
+  topics, counts = np.unique(raw["train"]["topic"], return_counts=True)
+  keep = topics[np.argsort(-counts, kind="stable")[:int(cfg.num_topics)]]
+  keep = np.sort(keep)
   splits = {}
-  for key, split in (("train", "train"), ("test", "test")):
-    splits[key] = _tfds_arrays("dollar_street", split, cfg, lambda r: r["label"],
-                               lambda r: r[cfg.sensitive])
+  for split, a in raw.items():
+    rows = np.flatnonzero(np.isin(a["topic"], keep))
+    splits[split] = {"image": a["image"][rows], "sensitive": a["sensitive"][rows],
+                     "label": np.searchsorted(keep, a["topic"][rows]).astype(np.int64)}
   # Validation: a seeded share of the training split.
   n = len(splits["train"]["label"])
   perm = np.random.default_rng([cfg.seed, 13]).permutation(n)
   n_val = max(int(round(n * cfg.val_fraction)), 1)
   splits["val"] = {k: v[np.sort(perm[:n_val])] for k, v in splits["train"].items()}
   splits["train"] = {k: v[np.sort(perm[n_val:])] for k, v in splits["train"].items()}
-  num_classes = int(max(splits[s]["label"].max() for s in splits)) + 1
-  return Task("dollar_street", splits, num_classes, names[cfg.sensitive])
+  return Task("dollar_street", splits, len(keep), names[cfg.sensitive])
 
 
 def load_task(cfg) -> Task:

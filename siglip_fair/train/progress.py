@@ -5,11 +5,12 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 import tqdm
+
+from siglip_fair.io import atomic_write
 
 
 def _plain(value):
@@ -47,10 +48,7 @@ class MetricWriter:
         continue  # a line cut short by a crash
       if record.get("step", 0) <= resume_step:
         keep.append(json.dumps(record) + "\n")
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(self.path)), suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.writelines(keep)
-    os.replace(tmp, self.path)
+    atomic_write(self.path, "".join(keep))
 
   def write(self, step: int, metrics: dict):
     record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
