@@ -125,3 +125,14 @@ def test_resnet18_trains_with_batch_statistics():
                        init["batch_stats"])
   assert all(jax.tree.leaves(moved))
   assert [h["step"] for h in result.history] == [2, 4]
+
+
+def test_methods_and_seeds_share_one_compiled_step():
+  data = tasks.coloured_digits("train", size=16)
+  split = _digits(np.arange(96), data)
+  cfg = _cfg(steps=3, eval_every="3", batch_size=16)
+  for seed, method in ((0, "erm"), (1, "cluster_uniform"), (2, "clip_debias")):
+    trainer.train_target(cfg, method, split, split, seed, num_classes=2)
+  net = nets.make_net("small_cnn", 2, width=8)
+  step = trainer._cached_step(net, trainer.make_optimizer(cfg), 4, None)
+  assert step._cache_size() == 1

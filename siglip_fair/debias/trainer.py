@@ -56,13 +56,25 @@ def _to_float(images):
   return images.astype(jnp.float32) / 127.5 - 1.0
 
 
+def _optimizer_key(cfg) -> tuple:
+  return (cfg.optimizer, float(cfg.learning_rate), float(cfg.weight_decay), float(cfg.momentum))
+
+
+@functools.lru_cache(maxsize=None)
+def _optimizer(name: str, learning_rate: float, weight_decay: float,
+               momentum: float) -> optax.GradientTransformation:
+  if name == "adam":
+    return optax.adamw(learning_rate, weight_decay=weight_decay)
+  if name == "sgd":
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.sgd(learning_rate, momentum=momentum))
+  raise ValueError(f"target.optimizer={name!r}; use 'adam' or 'sgd'.")
+
+
 def make_optimizer(cfg) -> optax.GradientTransformation:
-  if cfg.optimizer == "adam":
-    return optax.adamw(cfg.learning_rate, weight_decay=cfg.weight_decay)
-  if cfg.optimizer == "sgd":
-    return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                       optax.sgd(cfg.learning_rate, momentum=cfg.momentum))
-  raise ValueError(f"target.optimizer={cfg.optimizer!r}; use 'adam' or 'sgd'.")
+  """One optax transformation per distinct setting, so the jitted steps built on it are reused
+  by every method and seed (`_cached_step`)."""
+  return _optimizer(*_optimizer_key(cfg))
 
 
 def _per_example_loss(net, variables, images, labels, train):
@@ -136,6 +148,12 @@ def _score(record: dict, selection: str) -> float:
   return record[key]
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_step(net, tx, num_groups: int, dro_step_size: float | None) -> Callable:
+  # Every (method, seed) of a comparison shares the network and optimizer: compile once.
+  return make_train_step(net, tx, num_groups, dro_step_size)
+
+
 def _init(net, tx, key, image_shape):
   variables = nets.init_variables(net, key, image_shape)
   return variables, tx.init(variables["params"])
@@ -204,7 +222,7 @@ def _run(cfg, net, tx, method, train, val, key, seeds, probs, groups, num_groups
   bs = int(cfg.batch_size)
   variables, opt_state = _init(net, tx, key, train.images.shape[1:])
   dro = method in ("group_dro", "oracle_group_dro")
-  step_fn = make_train_step(net, tx, num_groups, float(cfg.dro_step_size) if dro else None)
+  step_fn = _cached_step(net, tx, num_groups, float(cfg.dro_step_size) if dro else None)
   sample_seed, probe_seed = seeds.spawn(2)
   sampler = sampling.Sampler(probs, sample_seed)
   probe = (_probe(groups, num_groups, int(cfg.probe_per_group), np.random.default_rng(probe_seed))
