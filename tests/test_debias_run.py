@@ -144,3 +144,21 @@ def test_utkface_path_on_tiny_files(clip_dir, tmp_path):
   assert set(results["summary"]) == set(config.methods)
   # k defaults to the number of race values.
   assert results["pseudo_groups"]["purity"] >= 0.2
+
+
+def test_big_vision_checkpoint_gives_the_same_similarities_as_the_run(clip_dir, tmp_path):
+  from siglip_fair.models import big_vision
+  handle = _handle(clip_dir)
+  npz = big_vision.save_npz(tmp_path / "clip.npz", handle.params)
+  config = debias_config.get_config("task=digits")
+  config.clip.update(dict(kind="big_vision", npz=str(npz), tokenizer=handle.tokenizer.model_path,
+                          image_size=32, eos="sticky", text_padding="mask"))
+  imported = infer.load_two_tower(config.clip, str(tmp_path))
+  images = tasks.coloured_digits("test", size=16)["image"][:40]
+  attrs = {"red": ["red"], "blue": ["blue", "a blue object"]}
+  ours = infer.similarities(handle, images, attrs, ["a photo of {}"], 16)
+  theirs = infer.similarities(imported, images, attrs, ["a photo of {}"], 16)
+  np.testing.assert_allclose(theirs, ours, atol=2e-5)
+  config.clip.npz = str(tmp_path / "absent.npz")
+  with pytest.raises(FileNotFoundError, match="clip.npz"):
+    infer.load_two_tower(config.clip, str(tmp_path))

@@ -9,7 +9,8 @@ The two-tower model is any checkpoint the project can load (`load_two_tower`):
   kind='run': a workdir trained by this project (`config` is that run's config; when the
     workdir has no checkpoint and `train_if_missing`, it is trained there first, as a
     model that never saw the target task);
-  kind='big_vision': a big_vision SigLIP/CLIP .npz plus its sentencepiece tokenizer.
+  kind='big_vision': a big_vision SigLIP/CLIP .npz plus its sentencepiece tokenizer (`eos` and
+    `text_padding` as the checkpoint was trained: big_vision's are 'none' and 'none').
 """
 from __future__ import annotations
 
@@ -104,7 +105,8 @@ def load_two_tower(cfg: ml_collections.ConfigDict, workdir: str,
     if int(cfg.get("image_size", 0)) < 1:
       raise ValueError("clip.kind='big_vision' needs clip.image_size (e.g. 224).")
     flat = big_vision.load_npz(cfg.npz)
-    model_cfg = ml_collections.ConfigDict(big_vision.model_config(flat))
+    model_cfg = ml_collections.ConfigDict(big_vision.model_config(
+        flat, text_padding=cfg.get("text_padding", "none")))
     model = make_model(model_cfg)
     tokenizer = Tokenizer(cfg.tokenizer, model_cfg.text.max_len, eos=cfg.get("eos", "none"))
     embed_images, embed_texts = embed_fns(model)
