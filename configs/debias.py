@@ -92,7 +92,8 @@ def get_config(arg=None):
   # clip.image_size).
   c.clip = ml_collections.ConfigDict(dict(
       kind="run", workdir="", train_if_missing=True, npz="", tokenizer="", image_size=0,
-      eos="none", text_padding="none", batch_size=256, config=siglip.get_config(f"steps={arg.clip_steps}")))
+      eos="none", text_padding="none", batch_size=256,
+      config=siglip.get_config(f"steps={arg.clip_steps}")))
   c.clip.config.progress = False
 
   # Pseudo groups: k-means of the standardised similarity vectors (k = 0: as many clusters as

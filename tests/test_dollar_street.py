@@ -20,7 +20,8 @@ def _write(root, n=16):
     rel = f"assets/img_{i}.jpg"
     (root / "assets").mkdir(parents=True, exist_ok=True)
     PIL.Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(root / rel)
-    rows.append({"id": f"id{i}", "country.name": "Chile", "region.id": ["af", "am", "as", "eu"][i % 4],
+    rows.append({"id": f"id{i}", "country.name": "Chile",
+                 "region.id": ["af", "am", "as", "eu"][i % 4],
                  "income": f"{10.0 * (i + 1) ** 1.5:.1f}", "topics": TOPICS[i % 3] if i < 14
                  else TOPICS[0], "imageRelPath": rel})
   bad = [dict(rows[0], id="missing", imageRelPath="assets/none.jpg"),

@@ -150,7 +150,7 @@ and unpack it so that the manual dir holds the metadata CSV and the images it po
     )
 
   def _split_generators(self, dl_manager):
-    root = faces._require_manual_dir(dl_manager, NAME, self.MANUAL_DOWNLOAD_INSTRUCTIONS)  # pylint: disable=protected-access
+    root = faces.require_manual_dir(dl_manager, NAME, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
     rows, skipped = read_rows(root, self.csv_name)
     if sum(skipped.values()):
       warnings.warn(f"dollar_street: skipped {sum(skipped.values())} of "

@@ -61,7 +61,7 @@ def _features(races) -> tfds.features.FeaturesDict:
   })
 
 
-def _require_manual_dir(dl_manager, name: str, instructions: str) -> epath.Path:
+def require_manual_dir(dl_manager, name: str, instructions: str) -> epath.Path:
   """The manual dir, or a FileNotFoundError that says what to put there."""
   try:
     path = epath.Path(dl_manager.manual_dir)
@@ -102,7 +102,7 @@ image zip and the two label CSVs) and place them so that the manual dir holds:
     )
 
   def _split_generators(self, dl_manager):
-    root = _require_manual_dir(dl_manager, "fairface",
+    root = require_manual_dir(dl_manager, "fairface",
                                self.MANUAL_DOWNLOAD_INSTRUCTIONS)
     missing = [f for f in FAIRFACE_CSVS.values() if not (root / f).exists()]
     if missing:
@@ -173,7 +173,7 @@ Files with other names are skipped with a warning.
     )
 
   def _split_generators(self, dl_manager):
-    root = _require_manual_dir(dl_manager, "utkface",
+    root = require_manual_dir(dl_manager, "utkface",
                                self.MANUAL_DOWNLOAD_INSTRUCTIONS)
     files = sorted(_jpegs(root))
     parsed, bad = [], []

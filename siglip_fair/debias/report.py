@@ -79,7 +79,8 @@ def sensitivity_markdown(table: dict) -> str:
   lines = [f"# CLIP-debias sensitivity on {table['task']}", "",
            f"One factor at a time; the others at the config's values. Seeds {table['seeds']}; "
            f"ERM reference worst-group accuracy {_pm(table['erm'].get('worst_group_accuracy'))}.",
-           "", "| factor | value | accuracy | worst group | worst pseudo group | ARI | seconds (0: reused) |",
+           "", "| factor | value | accuracy | worst group | worst pseudo group | ARI | "
+           "seconds (0: reused) |",
            "|---|---|---|---|---|---|---|"]
   for row in table["rows"]:
     ari = row.get("ari", math.nan)
