@@ -36,7 +36,13 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", required=True, help="FILE.py[:ARGS] with a sweep(add).")
   parser.add_argument("--workdir", required=True, help="one sub-folder per run is made here.")
+  parser.add_argument("--distributed", action="store_true",
+                      help="join a multi-host JAX job first (auto-detected, e.g. a TPU pod "
+                           "slice where every host runs this same command).")
   args = parser.parse_args(rest)
+  if args.distributed:
+    from siglip_fair.train import distributed
+    distributed.initialize()
   path, _, base_arg = args.config.partition(":")
   _, module = cfglib.load_config_file(path)
   runs = run_names(module, base_arg)
