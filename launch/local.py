@@ -1,62 +1,149 @@
-"""Runs a config file's sweep locally, one run after another, each in its own workdir.
+"""Runs a config file's sweep on this machine, each run in its own workdir.
 
-    python launch/local.py --config configs/siglip.py:steps=300 --workdir workdir/sweep
+    python launch/local.py --config configs/study.py --workdir w/study
+    python launch/local.py --config configs/study.py:scale=gpu --sweep sweep_gpu --parallel 2 \
+        --workdir w/gpu
 
-`sweep(add)` in the config file calls `add(**args)` once per run; the args are merged into the
-``get_config`` argument string after the colon. A run whose workdir already has `eval.json` is
-skipped and an unfinished one resumes from its checkpoints, so the launcher can be killed and
-restarted. Overrides (``--config.x=y``) apply to every run.
+`<sweep>(add)` in the config file (default `sweep`) calls `add(**args)` once per run; the args
+are merged into the ``get_config`` argument string after the colon and name the run's folder.
+A run whose folder has `eval.json` is finished and skipped; an unfinished one resumes from its
+checkpoints. So the launcher can be killed at any point and started again with the same command:
+it redoes nothing that was finished. Overrides (``--config.x=y``) apply to every run. Runs share
+one data folder and one balancing folder under --workdir, prepared once before the first run.
+With --parallel N, N runs train at once, each in its own process (which dies with the launcher).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
+import signal
+import subprocess
 import sys
+import time
 
 
-def run_names(module, base_arg: str) -> list[tuple[str, str]]:
-  """[(run name, get_config argument string)] for every `add(**args)` of the sweep."""
-  if not hasattr(module, "sweep"):
-    raise ValueError(f"{module.__file__} defines no sweep(add).")
+def run_names(module, base_arg: str, sweep: str = "sweep") -> list[tuple[str, str]]:
+  """[(run name, get_config argument string)] for every `add(**args)` of `module.<sweep>`."""
+  if not callable(getattr(module, sweep, None)):
+    names = [n for n in dir(module) if n.startswith("sweep") and callable(getattr(module, n))]
+    raise ValueError(f"{module.__file__} defines no {sweep}(add); its sweeps: {names or 'none'}.")
   runs = []
 
   def add(**args):
     extra = ",".join(f"{k}={v}" for k, v in sorted(args.items()))
     name = "_".join(f"{k}={v}" for k, v in sorted(args.items())).replace("/", "-") or "run"
+    name = name.replace("%", "pct")
     runs.append((name, ",".join(filter(None, [base_arg, extra]))))
 
-  module.sweep(add)
+  getattr(module, sweep)(add)
+  names = [n for n, _ in runs]
+  twice = sorted({n for n in names if names.count(n) > 1})
+  if twice:
+    raise ValueError(f"{sweep} adds the same run twice: {twice}.")
   return runs
+
+
+def _shared(config, root: str):
+  config.data_dir = config.data_dir or os.path.join(root, "data")
+  config.balance_dir = config.balance_dir or os.path.join(root, "balance")
+  return config
+
+
+def prepare(configs, root: str) -> None:
+  """Builds the shared data and every balancing the runs need, once, before any run starts
+  (parallel runs would otherwise race to write them)."""
+  from siglip_fair import study
+  from siglip_fair.data import versions
+  done = set()
+  for config in configs:
+    data = study.prepare_data(config, root)
+    for version, _ in versions.parse_schedule(config.data_version):
+      key = (config.data_dir, config.balance_dir, version)
+      if version != "baseline" and key not in done:
+        study.version_keep(config, root, data, version)
+        done.add(key)
+
+
+def _die_with_parent():
+  # Linux: the child gets SIGTERM when the launcher dies, even by SIGKILL, so a restarted
+  # launcher never races an orphaned run for the same folder.
+  if sys.platform.startswith("linux"):
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _child_argv(spec: str, workdir: str, overrides, config) -> list[str]:
+  return [sys.executable, "-m", "siglip_fair", "train", "--config", spec, "--workdir", workdir,
+          *[f"--config.{k}={v}" for k, v in overrides],
+          f"--config.data_dir={config.data_dir}", f"--config.balance_dir={config.balance_dir}"]
 
 
 def main(argv=None) -> int:
   from siglip_fair import config as cfglib
-  from siglip_fair import study
   overrides, rest = cfglib.split_override_args(sys.argv[1:] if argv is None else argv)
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", required=True, help="FILE.py[:ARGS] with a sweep(add).")
   parser.add_argument("--workdir", required=True, help="one sub-folder per run is made here.")
+  parser.add_argument("--sweep", default="sweep", help="the sweep function (default: sweep).")
+  parser.add_argument("--parallel", type=int, default=1, help="runs at once (processes).")
   parser.add_argument("--distributed", action="store_true",
                       help="join a multi-host JAX job first (auto-detected, e.g. a TPU pod "
                            "slice where every host runs this same command).")
   args = parser.parse_args(rest)
+  if args.parallel < 1 or (args.parallel > 1 and args.distributed):
+    parser.error("--parallel must be >= 1, and 1 with --distributed.")
   if args.distributed:
     from siglip_fair.train import distributed
     distributed.initialize()
   path, _, base_arg = args.config.partition(":")
   _, module = cfglib.load_config_file(path)
-  runs = run_names(module, base_arg)
-  for i, (name, arg) in enumerate(runs, 1):
+  runs = run_names(module, base_arg, args.sweep)
+  todo = [(name, arg) for name, arg in runs
+          if not os.path.exists(os.path.join(args.workdir, name, "eval.json"))]
+  print(f"sweep {args.sweep}: {len(runs)} runs, {len(runs) - len(todo)} finished, "
+        f"{len(todo)} to go")
+  configs = {name: _shared(cfglib.get_config(f"{path}:{arg}", overrides), args.workdir)
+             for name, arg in todo}
+  prepare(configs.values(), args.workdir)
+  start, failed, running = time.monotonic(), [], {}
+  for i, (name, arg) in enumerate(todo, 1):
     workdir = os.path.join(args.workdir, name)
-    if os.path.exists(os.path.join(workdir, "eval.json")):
-      print(f"[{i}/{len(runs)}] {name}: done, skipped")
-      continue
-    print(f"[{i}/{len(runs)}] {name}")
-    config = cfglib.get_config(f"{path}:{arg}", overrides)
-    config.data_dir = config.data_dir or os.path.join(args.workdir, "data")
-    config.balance_dir = config.balance_dir or os.path.join(args.workdir, "balance")
-    study.train_and_evaluate(config, workdir)
+    if args.parallel == 1:
+      from siglip_fair import study
+      print(f"[{i}/{len(todo)}] {name}", flush=True)
+      study.train_and_evaluate(configs[name], workdir)
+    else:
+      while len(running) >= args.parallel:
+        failed += _reap(running)
+      print(f"[{i}/{len(todo)}] {name} (started)", flush=True)
+      os.makedirs(workdir, exist_ok=True)
+      log = open(os.path.join(workdir, "launcher.log"), "ab")  # pylint: disable=consider-using-with
+      running[name] = (subprocess.Popen(
+          _child_argv(f"{path}:{arg}", workdir, overrides, configs[name]), stdout=log,
+          stderr=subprocess.STDOUT, preexec_fn=_die_with_parent), log)
+    elapsed = time.monotonic() - start
+    print(f"  {elapsed:.0f} s elapsed", flush=True)
+  while running:
+    failed += _reap(running)
+  if failed:
+    print(f"sweep {args.sweep}: {len(failed)} run(s) failed: {failed}; see their "
+          "launcher.log. Rerun this command to retry them.", file=sys.stderr)
+    return 1
+  print(f"sweep {args.sweep}: all {len(runs)} runs finished")
   return 0
+
+
+def _reap(running) -> list[str]:
+  """Waits for one child to end; returns [its name] if it failed."""
+  while True:
+    for name, (proc, log) in list(running.items()):
+      if proc.poll() is not None:
+        log.close()
+        del running[name]
+        print(f"  {name}: {'done' if proc.returncode == 0 else f'failed ({proc.returncode})'}",
+              flush=True)
+        return [name] if proc.returncode else []
+    time.sleep(0.5)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def install_commands(args) -> list[list[str]]:
 def job_argv(args, overrides: Sequence[str]) -> list[str]:
   """The command every host runs (the same on all of them)."""
   if args.sweep:
-    argv = ["python3", "launch/local.py", "--distributed"]
+    argv = ["python3", "launch/local.py", "--distributed", "--sweep", args.sweep]
   else:
     argv = ["python3", "-m", "siglip_fair", args.command, "--distributed"]
   return argv + ["--config", args.config, "--workdir", args.workdir, *overrides]
@@ -139,7 +139,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--delete", action="store_true", help="only delete the VM / queued resource.")
   p.add_argument("--command", default="train", choices=("train", "eval", "demo", "debias"),
                  help="siglip_fair subcommand (ignored with --sweep).")
-  p.add_argument("--sweep", action="store_true", help="run the config's sweep(add).")
+  p.add_argument("--sweep", nargs="?", const="sweep", default=None, metavar="NAME",
+                 help="run the config's sweep function (default name: sweep).")
   p.add_argument("--config", default="configs/siglip.py", help="FILE.py[:ARGS], repo-relative.")
   p.add_argument("--workdir", default="", help="output folder, ideally gs://bucket/...")
   p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",

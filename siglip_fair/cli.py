@@ -18,6 +18,7 @@ _DEFAULT_CONFIG = {
     "eval": "configs/siglip.py",
     "report": "configs/siglip.py",
     "debias": "configs/debias.py",
+    "results": "configs/study.py",
 }
 
 _HELP = {
@@ -42,6 +43,10 @@ _HELP = {
                "cluster re-sampling, against ERM, JTT, GroupDRO and the true-group oracles over "
                "several seeds (analysis=methods: results.md/png), or vary prompts, k, F and tau "
                "(analysis=sensitivity: sensitivity.md/png)."),
+    "results": ("Collect every finished run of a sweep under the workdir (launch/local.py with "
+                "configs/study.py) into one table by factor: mean ± std over seeds, paired "
+                "Wilcoxon tests of each balanced cell against its baseline; writes results.csv, "
+                "results.md and results.png to the workdir."),
 }
 
 
@@ -120,8 +125,14 @@ def _commands() -> dict[str, Callable]:
       raise ValueError(f"analysis={config.analysis!r}; use one of {sorted(analyses)}.")
     analyses[config.analysis](config, workdir)
 
+  def results(config, workdir):
+    del config
+    from siglip_fair.report import sweep
+    for path in sweep.write_results(workdir):
+      print(f"results: wrote {path}")
+
   return {"demo": demo, "data": data, "balance": balance, "train": train, "eval": evaluate,
-          "report": report, "debias": debias}
+          "report": report, "debias": debias, "results": results}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -251,13 +251,16 @@ def train_and_evaluate(config, workdir: str, *, data: Data | None = None,
   """Trains one model on `config.data_version` data (one version or a schedule, see
   `data/versions.py`) and evaluates it; returns final metrics.
 
-  Writes to `workdir`: checkpoints/, metrics.jsonl (training curves with RB/AB over training)
-  and eval.json (final metrics with bootstrap intervals).
+  Writes to `workdir`: config.json, checkpoints/, metrics.jsonl (training curves with RB/AB
+  over training) and eval.json (final metrics with bootstrap intervals).
   """
   from siglip_fair.evaluate import evaluators as ev
   from siglip_fair.models.two_tower import make_model
   from siglip_fair.train import loop
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    # The run's settings next to its results (`results` groups runs by config.study).
+    atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
   data = data or prepare_data(config, workdir)
   num_examples = len(data.sources["train"])
   # Durations in epochs count baseline-sized epochs for every version: runs on balanced data

@@ -6,7 +6,7 @@ import pytest
 
 from siglip_fair import cli
 
-SUBCOMMANDS = ("demo", "data", "balance", "train", "eval")
+SUBCOMMANDS = ("demo", "data", "balance", "train", "eval", "report", "debias", "results")
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

@@ -65,10 +65,13 @@ def test_queued_spot_slice_creates_waits_installs_and_starts_every_host(capsys, 
 
 
 def test_sweep_on_an_existing_vm_goes_through_the_local_runner(capsys):
-  cmds, _ = _commands(capsys, BASE + ["--reuse", "--sweep", "--config", "configs/siglip.py"])
+  cmds, _ = _commands(capsys, BASE + ["--reuse", "--sweep", "--config", "configs/study.py"])
   assert [c[4] for c in cmds[1:]] == ["scp", "ssh", "ssh"]  # no create, no wait
   job, env, _ = _remote_job(cmds[-1])
-  assert job[:3] == ["python3", "launch/local.py", "--distributed"] and env == []
+  assert job[:5] == ["python3", "launch/local.py", "--distributed", "--sweep", "sweep"]
+  assert env == []
+  cmds, _ = _commands(capsys, BASE + ["--reuse", "--sweep", "sweep_gpu"])
+  assert _remote_job(cmds[-1])[0][3:5] == ["--sweep", "sweep_gpu"]
   delete, = _commands(capsys, BASE + ["--delete"])[0]
   assert delete[3:6] == ["tpu-vm", "delete", "fair"]
 

@@ -1,0 +1,109 @@
+"""The study config's sweeps and the `results` table: cells against numpy, the Wilcoxon test
+against an exhaustive enumeration of sign flips."""
+import importlib.util
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+
+from siglip_fair import cli
+from siglip_fair import config as cfglib
+from siglip_fair.report import sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUDY = os.path.join(REPO, "configs", "study.py")
+
+
+def _launcher():
+  spec = importlib.util.spec_from_file_location("launch_local",
+                                                os.path.join(REPO, "launch", "local.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_local_sweep_is_three_seeds_of_baseline_and_two_versions_at_two_switch_points():
+  _, module = cfglib.load_config_file(STUDY)
+  runs = _launcher().run_names(module, "", "sweep_local")
+  assert len(runs) == 15 == len({n for n, _ in runs})
+  versions = {}
+  for name, arg in runs:
+    config = cfglib.get_config(f"{STUDY}:{arg}")
+    versions[name] = config.data_version
+    assert config.study.seed in (0, 1, 2) and config.model.image.variant == "mu/8"
+  assert versions["data=balanced_seed=1_switch=90pct"] == "baseline->balanced@90%"
+  assert versions["data=balanced_proxies_seed=2_switch=0pct"] == "balanced_proxies"
+  assert versions["data=baseline_seed=0"] == "baseline"
+  gpu = _launcher().run_names(module, "", "sweep_gpu")
+  assert len(gpu) == 2 * 2 * 15
+  config = cfglib.get_config(f"{STUDY}:{gpu[-1][1]}")
+  assert (config.model.image.variant, config.model.embed_dim, config.world.image_size) == (
+      "S/16", 384, 64)
+  with pytest.raises(ValueError, match="switch='50%'"):
+    cfglib.get_config(f"{STUDY}:data=balanced,switch=50%")
+  with pytest.raises(ValueError, match="no sweep_tpu"):
+    _launcher().run_names(module, "", "sweep_tpu")
+
+
+def _write_run(root, name, study, metrics):
+  folder = os.path.join(root, name)
+  os.makedirs(folder)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump({"study": study, "seed": study["seed"]}, f)
+  if metrics is not None:
+    with open(os.path.join(folder, "eval.json"), "w") as f:
+      json.dump(metrics, f)
+
+
+def _exact_wilcoxon_p(d):
+  """Two-sided exact p of the signed-rank statistic min(W+, W-), by enumerating all 2^n sign
+  assignments of the ranks (no ties, no zeros)."""
+  ranks = np.argsort(np.argsort(np.abs(d))) + 1
+  observed = min(ranks[d > 0].sum(), ranks[d < 0].sum())
+  count = 0
+  for signs in itertools.product((1, -1), repeat=len(d)):
+    s = np.array(signs)
+    count += min(ranks[s > 0].sum(), ranks[s < 0].sum()) <= observed
+  return count / 2 ** len(d)
+
+
+def test_results_table_means_and_paired_wilcoxon(tmp_path):
+  rng = np.random.default_rng(0)
+  base = dict(scale="local", model="mu/8", width=64, embed=64, examples="153600ex",
+              loss="sigmoid")
+  rb = {}
+  for seed in range(5):
+    for data, switch in (("baseline", "0%"), ("balanced", "0%"), ("balanced", "90%")):
+      value = float(rng.normal(0.3 if data == "baseline" else 0.1, 0.05))
+      rb[(data, switch, seed)] = value
+      _write_run(tmp_path, f"{data}_{switch}_{seed}", dict(base, data=data, switch=switch,
+                                                           seed=seed),
+                 {"bias/rb": value, "zeroshot/top1": 0.5, "bias/rb_lo": 0.0})
+  _write_run(tmp_path, "unfinished", dict(base, data="balanced", switch="10%", seed=0), None)
+  assert cli.main(["results", "--workdir", str(tmp_path)]) == 0
+  rows, unfinished = sweep.collect(str(tmp_path))
+  assert len(rows) == 15 and unfinished == ["unfinished"]
+  table = {(c["data"], c["switch"]): c for c in sweep.cells(rows)}
+  for (data, switch), cell in table.items():
+    v = np.array([rb[(data, switch, s)] for s in range(5)])
+    assert cell["n"] == 5 and cell["bias/rb"] == pytest.approx([v.mean(), v.std(ddof=1)])
+  tests = {(t["switch"], t["metric"]): t for t in sweep.wilcoxon_vs_baseline(rows)}
+  for switch in ("0%", "90%"):
+    d = np.array([rb[("balanced", switch, s)] - rb[("baseline", "0%", s)] for s in range(5)])
+    t = tests[(switch, "bias/rb")]
+    assert t["n"] == 5 and t["mean_diff"] == pytest.approx(d.mean())
+    assert t["p"] == pytest.approx(_exact_wilcoxon_p(d))
+    # Identical values in both cells: no evidence of a difference.
+    assert tests[(switch, "zeroshot/top1")]["p"] == 1.0
+  md = (tmp_path / "results.md").read_text()
+  assert "| balanced | 90% | 5 |" in md and "unfinished" in md
+  csv_rows = (tmp_path / "results.csv").read_text().splitlines()
+  assert len(csv_rows) == 1 + 3 * 2  # header + 3 cells x 2 metrics
+  assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_results_without_finished_runs_is_an_error(tmp_path, capsys):
+  assert cli.main(["results", "--workdir", str(tmp_path)]) == 1
+  assert "no finished runs" in capsys.readouterr().err
