@@ -29,6 +29,9 @@ def get_config(arg=None):
   c.world.image_size = arg.res
   c.data_dir = ""  # '' = <workdir>/data; share one folder between runs to build it once.
   c.cache_train = True  # hold the decoded train split in memory (small data sets only)
+  # '' = train on the synthetic world; else a corpus imported with `python -m
+  # siglip_fair.data.imports` (its folder), annotated from its captions (annotate.source='text').
+  c.train_data = ""
   c.tokenizer = ml_collections.ConfigDict(dict(path="", vocab_size=320, max_len=16))
   c.annotate = annotate_config()
   c.balance = m4_config()

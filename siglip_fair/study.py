@@ -7,6 +7,7 @@ outputs atomically into the workdir, so a rerun reuses what is already there.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any
@@ -41,17 +42,27 @@ def balance_dir(config, workdir: str) -> str:
 
 
 def prepare_data(config, workdir: str, *, report: bool = False) -> Data:
-  """Builds the world (TFDS ArrayRecord) and the tokenizer if missing; returns the sources."""
+  """Builds the world (TFDS ArrayRecord) and the tokenizer if missing; returns the sources.
+
+  With `config.train_data` (an imported corpus, see `data/imports.py`) that corpus is the
+  training split and the world provides only the evaluation splits.
+  """
   ddir = data_dir(config, workdir)
+  imported = imported_train_split(config) if config.get("train_data") else None
   builder.build(config.world, ddir)
   sources = {split: builder.data_source(config.world, ddir, split) for split in world.SPLITS}
-  if config.get("cache_train", True):
-    # The synthetic world fits in memory; decoding each record once keeps the CPU for training.
-    sources["train"] = pipeline.InMemorySource(sources["train"])
-  train_fields = read_fields(sources["train"], ("captions", "kind", "s", "y", "w"))
+  if imported:
+    sources["train"], train_fields = imported
+    corpus = "import_" + hashlib.sha256(
+        os.path.abspath(os.path.expanduser(config.train_data)).encode()).hexdigest()[:12]
+  else:
+    if config.get("cache_train", True):
+      # The synthetic world fits in memory; decoding each record once keeps the CPU for training.
+      sources["train"] = pipeline.InMemorySource(sources["train"])
+    train_fields = read_fields(sources["train"], ("captions", "kind", "s", "y", "w"))
+    corpus = builder.builder_config(config.world).name
   tok = config.tokenizer
-  path = tok.get("path") or os.path.join(
-      ddir, f"spm_{builder.builder_config(config.world).name}_v{tok.vocab_size}.model")
+  path = tok.get("path") or os.path.join(ddir, f"spm_{corpus}_v{tok.vocab_size}.model")
   if not os.path.exists(path):
     if tok.get("path"):
       raise FileNotFoundError(f"tokenizer.path={path!r} does not exist.")
@@ -73,6 +84,20 @@ def prepare_data(config, workdir: str, *, report: bool = False) -> Data:
   return data
 
 
+def imported_train_split(config) -> tuple[Any, dict[str, np.ndarray]]:
+  """(source, {'captions'}) of an imported corpus (`config.train_data`, a folder written by
+  `data.imports`) used as the training split; the world still provides the eval splits."""
+  from siglip_fair.data import imports
+  size = imports.image_size(config.train_data) if os.path.isdir(
+      os.path.expanduser(config.train_data)) else None
+  source = imports.data_source(config.train_data)
+  if size != config.world.image_size:
+    raise ValueError(f"train_data {config.train_data!r} holds {size}x{size} images but the "
+                     f"model is set up for world.image_size={config.world.image_size}; import "
+                     "at that size or change the resolution.")
+  return source, {"captions": imports.read_captions(config.train_data)}
+
+
 def read_fields(source, fields) -> dict[str, np.ndarray]:
   """Stacks `fields` of every record of a source."""
   if isinstance(source, pipeline.InMemorySource):
@@ -82,6 +107,13 @@ def read_fields(source, fields) -> dict[str, np.ndarray]:
 
 def annotations(config, data: Data) -> dict[str, np.ndarray]:
   """Annotations (s, known, y, w, u) of the training split under `config.annotate`."""
+  if "kind" not in data.train_fields and (
+      config.annotate.source == "ground_truth" or (
+          config.annotate.source in ("combined", "image") and config.annotate.image != "zeroshot")):
+    raise ValueError(
+        f"annotate.source={config.annotate.source!r} needs the synthetic world's ground truth, "
+        "which an imported corpus (train_data) does not have; use annotate.source='text', or "
+        "'combined' / 'image' with annotate.image='zeroshot'.")
   return annotate.annotate_split(data.train_fields, config.annotate, image_annotations(config, data))
 
 
@@ -111,6 +143,9 @@ def annotation_report(config, data: Data) -> dict[str, float]:
   """Precision / recall of the text lexicons (and of zero-shot image annotations, when used)
   against the world's ground truth."""
   arrays = data.train_fields
+  if "kind" not in arrays:  # an imported corpus: no ground truth to compare with
+    ann = annotate.annotate_split(arrays, _text_only(config.annotate))
+    return {"known/text": float(ann["known"].mean())}
   text_cfg = config.annotate.copy_and_resolve_references()
   text_cfg.source = "text"
   pred = annotate.annotate_split(arrays, text_cfg)
@@ -122,6 +157,12 @@ def annotation_report(config, data: Data) -> dict[str, float]:
     from siglip_fair.annotate import zeroshot
     report.update({f"zeroshot/{k}": v for k, v in zeroshot.agreement(image, truth, names).items()})
   return report
+
+
+def _text_only(cfg):
+  cfg = cfg.copy_and_resolve_references()
+  cfg.source = "text"
+  return cfg
 
 
 def names() -> dict:

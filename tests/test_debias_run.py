@@ -39,7 +39,7 @@ def _config(arg, clip_dir, **overrides):
 
 def test_debias_command_on_digits_trains_the_two_tower_and_every_method(clip_dir, tmp_path):
   workdir = str(tmp_path / "digits")
-  argv = ["debias", "--config", "configs/debias.py:task=digits,seeds=2,steps=30,clip_steps=60",
+  argv = ["debias", "--config", "configs/debias.py:task=digits,seeds=2,steps=20,clip_steps=60",
           "--workdir", workdir, f"--config.clip.workdir={clip_dir}", *CLIP,
           "--config.target.eval_every=10"]
   assert cli.main(argv) == 0
@@ -53,7 +53,7 @@ def test_debias_command_on_digits_trains_the_two_tower_and_every_method(clip_dir
     v = np.array([r["test"]["worst_group_accuracy"] for r in runs if r["method"] == method])
     assert row["worst_group_accuracy"][:2] == pytest.approx([v.mean(), v.std(ddof=1)])
   # Every model was selected at one of its validation points.
-  assert all(r["selected_step"] in (10, 20, 30) for r in runs)
+  assert all(r["selected_step"] in (10, 20) for r in runs)
   q = results["pseudo_groups"]
   assert 0.0 <= q["purity"] <= 1.0 and -1.0 <= q["ari"] <= 1.0
   md = open(os.path.join(workdir, "results.md")).read()

@@ -35,6 +35,8 @@ def get_config(arg=None):
   c.world.sizes.update(dict(train=256, objects=40, people=40, retrieval=40))
   c.batch_size, c.total, c.warmup = 16, "8", "1"
   c.log_every, c.eval_every, c.ckpt_every = "4", "100%", "2"
+  for name in ("zeroshot", "rb", "ab", "gender_acc"):
+    c.evals[name].bootstrap.num_samples = 10
   return c
 
 

@@ -52,11 +52,11 @@ def test_train_and_evaluate_learns_zero_shot(trained):
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(data_dir, tmp_path):
-  cfg = small_config(data_dir, "steps=40,variant=mu/8,batch=32,depth=1")
-  cfg.ckpt_every, cfg.log_every = "10", "1"
+  cfg = small_config(data_dir, "steps=20,variant=mu/8,batch=32,depth=1")
+  cfg.ckpt_every, cfg.log_every = "5", "1"
   whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
   expected = study.train_and_evaluate(cfg, whole)
-  study.train_and_evaluate(cfg, parts, stop_after=17)  # "killed" after step 17
+  study.train_and_evaluate(cfg, parts, stop_after=8)  # "killed" after step 8
   resumed = study.train_and_evaluate(cfg, parts)
   assert resumed == expected
 

@@ -34,6 +34,7 @@ import tarfile
 from collections.abc import Iterator, Sequence
 
 from etils import epath
+import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import read_only_builder
@@ -253,7 +254,30 @@ def import_pairs(kind: str, inputs: Sequence[str] | str, data_dir: str, *, name:
 def data_source(path: str, split: str = "train"):
   """Random-access source of an imported dataset (records: image uint8 [S, S, 3], captions
   bytes [K], key)."""
+  path = os.path.expanduser(path)
+  if not os.path.exists(os.path.join(path, "dataset_info.json")):
+    raise FileNotFoundError(f"{path!r} is not an imported dataset (no dataset_info.json); "
+                            "create one with `python -m siglip_fair.data.imports`.")
   return read_only_builder.builder_from_directory(path).as_data_source(split=split)
+
+
+def image_size(path: str) -> int:
+  """Side of the square images of an imported dataset."""
+  builder = read_only_builder.builder_from_directory(os.path.expanduser(path))
+  return int(builder.info.features["image"].shape[0])
+
+
+def read_captions(path: str, split: str = "train") -> np.ndarray:
+  """object (bytes) [N, K]: every record's captions without decoding its image; records with
+  fewer than K captions repeat theirs cyclically (as the COCO loader pads)."""
+  builder = read_only_builder.builder_from_directory(os.path.expanduser(path))
+  source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+  lists = [[bytes(c) for c in source[i]["captions"]] for i in range(len(source))]
+  k = max((len(c) for c in lists), default=1)
+  out = np.empty((len(lists), k), dtype=object)
+  for row, captions in zip(out, lists):
+    row[:] = [captions[j % len(captions)] for j in range(k)]
+  return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
