@@ -55,6 +55,10 @@ def get_config(arg=None):
   c.ckpt_every = "25%"
   c.eval_every = "10%"
   c.keep_ckpts = 2
+  # A step whose loss, gradients or updated parameters are NaN/Inf: 'stop' ends training with an
+  # error naming the step (the last good checkpoint stays the latest); 'skip' drops that update
+  # and trains on, counting such steps in the metric nonfinite_steps (train/loop.py).
+  c.nonfinite = "stop"
   c.progress = True
   overrides = {k: v for k, v in dict(width=arg.width, depth=arg.depth).items() if v}
   c.model = ml_collections.ConfigDict(dict(

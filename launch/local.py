@@ -11,6 +11,12 @@ checkpoints. So the launcher can be killed at any point and started again with t
 it redoes nothing that was finished. Overrides (``--config.x=y``) apply to every run. Runs share
 one data folder and one balancing folder under --workdir, prepared once before the first run.
 With --parallel N, N runs train at once, each in its own process (which dies with the launcher).
+
+SIGTERM (a scheduler's pre-emption notice) stops the sweep cleanly: it is forwarded to the
+running child runs, each saves a checkpoint at the end of its current step and exits, and the
+launcher exits with status 143 once they have; in-process (--parallel 1) training does the
+same, and any other stage stops at once (its outputs are written atomically). Rerun the same
+command to resume.
 """
 from __future__ import annotations
 
@@ -65,11 +71,38 @@ def prepare(configs, root: str) -> None:
         done.add(key)
 
 
+# Exit status after SIGTERM: 128 + the signal number, what schedulers read as "terminated".
+PREEMPTED_STATUS = 128 + signal.SIGTERM
+
+
 def _die_with_parent():
-  # Linux: the child gets SIGTERM when the launcher dies, even by SIGKILL, so a restarted
-  # launcher never races an orphaned run for the same folder.
+  # Linux: the child gets SIGKILL when the launcher dies, even by SIGKILL, so a restarted
+  # launcher never races an orphaned run for the same folder. Not SIGTERM: a run would then
+  # finish its step and save a checkpoint while the restarted launcher's run starts there. (A
+  # SIGTERM to the launcher is forwarded, and the launcher waits for the runs to save.)
   if sys.platform.startswith("linux"):
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class _Sigterm:
+  """The launcher's SIGTERM handler: with child runs alive it forwards the signal to them and
+  sets `received` (the launcher then starts nothing new and waits for them); with none it
+  stops the launcher at once with `loop.Preempted` (status 143)."""
+
+  def __init__(self, running: dict):
+    self.running, self.received = running, False
+
+  def __call__(self, signum, frame):
+    del frame
+    self.received = True
+    if not self.running:
+      from siglip_fair.train.loop import Preempted  # pylint: disable=g-import-not-at-top
+      message = "sweep: SIGTERM; stopped, rerun the same command to resume"
+      print(message, file=sys.stderr, flush=True)
+      raise Preempted(message)
+    for proc, _ in self.running.values():
+      if proc.poll() is None:
+        proc.send_signal(signum)
 
 
 def _child_argv(spec: str, workdir: str, overrides, config) -> list[str]:
@@ -104,9 +137,33 @@ def main(argv=None) -> int:
         f"{len(todo)} to go")
   configs = {name: _shared(cfglib.get_config(f"{path}:{arg}", overrides), args.workdir)
              for name, arg in todo}
-  prepare(configs.values(), args.workdir)
   start, failed, running = time.monotonic(), [], {}
+  sigterm = _Sigterm(running)
+  # Main thread only (Python's rule for signal handlers); the previous handler comes back.
+  previous = signal.signal(signal.SIGTERM, sigterm)
+  try:
+    prepare(configs.values(), args.workdir)
+    failed = _run_all(todo, args, path, overrides, configs, running, sigterm, start)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  if sigterm.received:
+    print(f"sweep {args.sweep}: SIGTERM; the runs that were training saved a checkpoint; "
+          "rerun the same command to resume", file=sys.stderr, flush=True)
+    return PREEMPTED_STATUS
+  if failed:
+    print(f"sweep {args.sweep}: {len(failed)} run(s) failed: {failed}; see their "
+          "launcher.log. Rerun this command to retry them.", file=sys.stderr)
+    return 1
+  print(f"sweep {args.sweep}: all {len(runs)} runs finished")
+  return 0
+
+
+def _run_all(todo, args, path, overrides, configs, running, sigterm, start) -> list[str]:
+  """Runs (or starts, with --parallel) every run of `todo`; returns the names that failed."""
+  failed = []
   for i, (name, arg) in enumerate(todo, 1):
+    if sigterm.received:
+      break
     workdir = os.path.join(args.workdir, name)
     if args.parallel == 1:
       from siglip_fair import study
@@ -115,6 +172,8 @@ def main(argv=None) -> int:
     else:
       while len(running) >= args.parallel:
         failed += _reap(running)
+      if sigterm.received:
+        break
       print(f"[{i}/{len(todo)}] {name} (started)", flush=True)
       os.makedirs(workdir, exist_ok=True)
       log = open(os.path.join(workdir, "launcher.log"), "ab")  # pylint: disable=consider-using-with
@@ -125,12 +184,7 @@ def main(argv=None) -> int:
     print(f"  {elapsed:.0f} s elapsed", flush=True)
   while running:
     failed += _reap(running)
-  if failed:
-    print(f"sweep {args.sweep}: {len(failed)} run(s) failed: {failed}; see their "
-          "launcher.log. Rerun this command to retry them.", file=sys.stderr)
-    return 1
-  print(f"sweep {args.sweep}: all {len(runs)} runs finished")
-  return 0
+  return failed
 
 
 def _reap(running) -> list[str]:
@@ -140,8 +194,11 @@ def _reap(running) -> list[str]:
       if proc.poll() is not None:
         log.close()
         del running[name]
-        print(f"  {name}: {'done' if proc.returncode == 0 else f'failed ({proc.returncode})'}",
-              flush=True)
+        if proc.returncode in (PREEMPTED_STATUS, -signal.SIGTERM):
+          status = "stopped by SIGTERM (checkpoint saved if it was training)"
+        else:
+          status = "done" if proc.returncode == 0 else f"failed ({proc.returncode})"
+        print(f"  {name}: {status}", flush=True)
         return [name] if proc.returncode else []
     time.sleep(0.5)
 

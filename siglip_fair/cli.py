@@ -6,8 +6,13 @@ a work directory. The heavy imports happen inside the subcommands so ``--help`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
+import shutil
+import socket
 import sys
+import tempfile
 from typing import Callable, Sequence
 
 _DEFAULT_CONFIG = {
@@ -31,7 +36,9 @@ _HELP = {
                 "annotation; or stream the annotation shards in --config.annotations_dir) and run "
                 "M4 balancing with a progress bar per pass: writes keep probabilities, the keep "
                 "mask (and repeat counts with --config.balance.repeats=true) and a data card "
-                "(JSON, Markdown, PNG) to <workdir>/balance."),
+                "(JSON, Markdown, PNG) to <workdir>/balance. Targets M4 cannot meet (verdict "
+                "'infeasible') are an error that writes nothing, unless "
+                "--config.balance.allow_infeasible=true."),
     "train": ("Train a two-tower model (SigLIP or CLIP loss) with periodic evaluation; resumes "
               "automatically from the checkpoints in the workdir."),
     "eval": "Evaluate the latest checkpoint in the workdir: zero-shot, retrieval, RB, AB, gender accuracy.",
@@ -89,9 +96,122 @@ def _resolve_config(args, overrides):
   return cfglib.get_config(spec, overrides)
 
 
+# ------------------------------------------------------------------ checks before writing
+# A bad config must fail before data are built or anything is written (config.json of an
+# earlier run included). The library validates each field where it reads it, often late;
+# these run the same validators first, each owned by the module that reads the field.
+
+
+def _check_balance_config(config) -> None:
+  from siglip_fair.balance import m4, shards
+  m4.check_config(config.balance)
+  if config.get("annotations_dir"):
+    shards.as_shards(config.annotations_dir)  # opens headers only
+
+
+def _check_train_config(config) -> None:
+  from siglip_fair.config import durations
+  from siglip_fair.data import versions
+  from siglip_fair.evaluate import evaluators
+  from siglip_fair.models.two_tower import make_model
+  from siglip_fair.train import sharding
+  from siglip_fair.train.losses import LOSS_NAMES
+  from siglip_fair.train.optim import make_optimizer
+  durations.check_durations(config)
+  steps = durations.resolve_steps(config, num_examples=config.batch_size)
+  schedule = versions.parse_schedule(config.data_version)
+  if any(v != "baseline" for v, _ in schedule):
+    _check_balance_config(config)
+  loss = config.get("loss", "sigmoid")
+  if loss not in LOSS_NAMES:  # read by train/state.py, which would say so only after the data
+    raise ValueError(f"config.loss={loss!r} is not a loss; use one of {LOSS_NAMES}.")
+  make_model(config.model)
+  make_optimizer(config.optim, steps.total_steps, steps.warmup_steps)
+  sharding.check_batch_size(config.batch_size, sharding.make_mesh(config.get("mesh")))
+  for name, sub in dict(config.evals).items():
+    evaluators.evaluator_class(name, sub)
+
+
+def _check_train_data(config, workdir, data) -> None:
+  """Checks that need the data: eval datasets exist, evaluators find their splits, and
+  balanced data versions are feasible (their M4 outputs are written here, as `balance`)."""
+  from siglip_fair import study
+  from siglip_fair.data import versions
+  from siglip_fair.models.two_tower import make_model
+  study.make_evaluators(config, data, make_model(config.model), bootstrap=False)
+  for version, _ in versions.parse_schedule(config.data_version):
+    if version != "baseline":
+      _balance(study.version_config(config, workdir, version), workdir, data)
+
+
+def _infeasible(card: dict, config) -> ValueError:
+  binding = card["binding"]
+  shown = ", ".join(binding[:5]) + (f" and {len(binding) - 5} more" if len(binding) > 5 else "")
+  worst = card["largest_violation"]
+  return ValueError(
+      f"M4 cannot meet the balance targets (verdict: infeasible): binding {shown}; largest "
+      f"violation {worst['name']} (|moment| {abs(worst['moment']):.4f} > eps "
+      f"{worst['eps']:.4f}). Nothing was written. Loosen balance.eps_rep / balance.eps_assoc "
+      f"(or balance.tolerance='relative'), lower the budget balance.eta={config.balance.eta}, "
+      "or pass --config.balance.allow_infeasible=true to write the outputs with this verdict.")
+
+
+def _balance(config, workdir, data=None):
+  """`study.balance`, written only when the card is feasible (or balance.allow_infeasible):
+  M4 writes into a staging folder beside the balance directory, moved into place at the end,
+  so a failed or infeasible run leaves the workdir as it was."""
+  from siglip_fair import study
+  out = study.balance_dir(config, workdir)
+  if os.path.exists(os.path.join(out, "m4.npz")):
+    return study.balance(config, workdir, data)  # finished earlier: reused as it is
+  parent = os.path.dirname(os.path.abspath(out))
+  os.makedirs(parent, exist_ok=True)
+  prefix = f".tmp_balance.{_host()}.{os.getpid()}."
+  _remove_dead_staging(parent)
+  staging = tempfile.mkdtemp(prefix=prefix, dir=parent)
+  try:
+    staged = config.copy_and_resolve_references()
+    staged.balance_dir = staging
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+      result = study.balance(staged, workdir, data)
+    if result["card"]["verdict"] != "feasible" and not config.balance.get(
+        "allow_infeasible", False):
+      raise _infeasible(result["card"], config)
+    os.makedirs(out, exist_ok=True)
+    names = sorted(os.listdir(staging), key=lambda f: f == "m4.npz")  # m4.npz marks completion
+    for name in names:
+      os.replace(os.path.join(staging, name), os.path.join(out, name))
+    print(printed.getvalue().replace(staging, out), end="")
+    return result
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _host() -> str:
+  return socket.gethostname().replace(".", "_")
+
+
+def _remove_dead_staging(parent: str) -> None:
+  """Staging folders left by balance runs of this host that were killed (SIGKILL skips the
+  clean-up); those of live processes, e.g. parallel sweep runs, stay."""
+  host = _host()
+  for name in os.listdir(parent):
+    parts = name.split(".")
+    if name.startswith(".tmp_balance.") and len(parts) >= 5 and parts[2] == host:
+      try:
+        os.kill(int(parts[3]), 0)
+      except ProcessLookupError:
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+      except (ValueError, PermissionError):
+        pass  # not a pid of ours, or alive under another user
+
+
 def _commands() -> dict[str, Callable]:
   def demo(config, workdir):
     from siglip_fair import demo as demo_lib
+    _check_balance_config(config)
+    _check_train_config(config)
     demo_lib.run(config, workdir)
 
   def data(config, workdir):
@@ -99,16 +219,26 @@ def _commands() -> dict[str, Callable]:
     study.prepare_data(config, workdir, report=True)
 
   def balance(config, workdir):
-    from siglip_fair import study
-    study.balance(config, workdir)
+    _check_balance_config(config)
+    _balance(config, workdir)
 
-  def train(config, workdir):
+  def train(config, workdir, stop_after=None):
     from siglip_fair import study
-    study.train_and_evaluate(config, workdir)
+    _check_train_config(config)
+    data = study.prepare_data(config, workdir)
+    _check_train_data(config, workdir, data)
+    return study.train_and_evaluate(config, workdir, data=data, stop_after=stop_after)
 
   def evaluate(config, workdir):
-    from siglip_fair import study
-    study.evaluate_checkpoint(config, workdir)
+    import json
+    from siglip_fair.train import checkpoint
+    step = checkpoint.latest_step(workdir)
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint in {workdir!r}; train a model there "
+                              "first (siglip-fair train --workdir ...).")
+    # Training to the step that is already there restores without taking a step.
+    result = train(config, workdir, stop_after=step)
+    print(json.dumps(result, indent=1))
 
   def report(config, workdir, runs=None):
     del config

@@ -181,28 +181,33 @@ def balance(config, workdir: str, data: Data | None = None) -> dict[str, Any]:
   path = os.path.join(out, "m4.npz")
   if os.path.exists(path):
     return load_balance(out)
-  data = data or prepare_data(config, workdir)
-  source = config.get("annotations_dir") or ""
-  if source:  # streamed from the shards, never loaded whole
-    ann, shards = None, m4.as_shards(source)
-    total = sum(len(s) for s in shards)
-    if total != len(data.sources["train"]):
-      raise ValueError(f"annotations_dir={source!r} holds {total} rows but the training split has "
-                       f"{len(data.sources['train'])}; shards must cover it in order.")
-  else:
-    ann = shards = annotations(config, data)
-  result = m4.balance_stream(shards, config.balance, jax.random.key(config.balance.seed),
-                             names=names(), progress=config.get("progress", False))
-  os.makedirs(out, exist_ok=True)
-  if ann is not None:
-    annotate.save_annotations(os.path.join(out, "annotations.npz"), ann)
-  atomic_write(os.path.join(out, "card.json"), json.dumps(result.card, indent=1))
-  atomic_write(os.path.join(out, "card.md"), m4.card_markdown(result.card))
-  plots.plot_data_card(result.card, os.path.join(out, "card.png"))
-  arrays = dict(q=result.q, keep=result.keep)
-  if result.repeats is not None:
-    arrays["repeats"] = result.repeats
-  atomic_savez(path, **arrays)
+  from siglip_fair.train.loop import sigterm_raises
+  # Nothing to save part-way: SIGTERM stops at once, and atomic writes in progress remove their
+  # temp files, so the folder holds whole files only; m4.npz, written last, marks completion.
+  with sigterm_raises("balance: SIGTERM; stopped (every file is written whole or not at all), "
+                      "rerun the same command to balance again"):
+    data = data or prepare_data(config, workdir)
+    source = config.get("annotations_dir") or ""
+    if source:  # streamed from the shards, never loaded whole
+      ann, shards = None, m4.as_shards(source)
+      total = sum(len(s) for s in shards)
+      if total != len(data.sources["train"]):
+        raise ValueError(f"annotations_dir={source!r} holds {total} rows but the training split "
+                         f"has {len(data.sources['train'])}; shards must cover it in order.")
+    else:
+      ann = shards = annotations(config, data)
+    result = m4.balance_stream(shards, config.balance, jax.random.key(config.balance.seed),
+                               names=names(), progress=config.get("progress", False))
+    os.makedirs(out, exist_ok=True)
+    if ann is not None:
+      annotate.save_annotations(os.path.join(out, "annotations.npz"), ann)
+    atomic_write(os.path.join(out, "card.json"), json.dumps(result.card, indent=1))
+    atomic_write(os.path.join(out, "card.md"), m4.card_markdown(result.card))
+    plots.plot_data_card(result.card, os.path.join(out, "card.png"))
+    arrays = dict(q=result.q, keep=result.keep)
+    if result.repeats is not None:
+      arrays["repeats"] = result.repeats
+    atomic_savez(path, **arrays)
   print(f"balance: kept {result.keep.mean():.3f} of {result.keep.size} examples "
         f"(verdict: {result.card['verdict']}); card in {out}")
   return load_balance(out)

@@ -1,13 +1,55 @@
-"""The real entry point, `siglip-fair demo`, end to end on a tiny world (open_clip style)."""
+"""The real entry point, `siglip-fair demo`, end to end on a tiny world (open_clip style), with
+the network switched off: nothing is downloaded or contacted at run time."""
 import json
 import os
+import socket
+
+import pytest
 
 from siglip_fair import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_INTERNET = (-1, socket.AF_INET, socket.AF_INET6)  # -1: socket.socket's default, AF_INET
 
 
-def test_demo_writes_side_by_side_summary(tmp_path, capsys):
+@pytest.fixture
+def no_network(monkeypatch):
+  """socket.socket refuses internet sockets and socket.create_connection fails; yields the
+  refused attempts. Local AF_UNIX pairs stay allowed: asyncio makes one per event loop for its
+  self-pipe (socket.socketpair), and orbax runs every checkpoint save on a new loop. JAX (CPU)
+  and grain open no socket."""
+  refused = []
+
+  class NoInternet(socket.socket):
+    # pylint: disable-next=redefined-builtin
+    def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
+      if family in _INTERNET:
+        refused.append(("socket", family))
+        raise OSError(f"network disabled in this test (socket family {family})")
+      super().__init__(family, type, proto, fileno)
+
+  def create_connection(address, *args, **kwargs):
+    refused.append(("create_connection", address))
+    raise OSError(f"network disabled in this test (connection to {address})")
+
+  monkeypatch.setattr(socket, "socket", NoInternet)
+  monkeypatch.setattr(socket, "create_connection", create_connection)
+  yield refused
+
+
+def test_no_network_fixture_refuses_internet_sockets(no_network):
+  with pytest.raises(OSError, match="network disabled"):
+    socket.create_connection(("example.com", 80))
+  with pytest.raises(OSError, match="network disabled"):
+    socket.socket()
+  a, b = socket.socketpair()  # local: allowed
+  a.close()
+  b.close()
+  assert len(no_network) == 2
+  no_network.clear()
+
+
+def test_demo_writes_side_by_side_summary(tmp_path, capsys, no_network):
   workdir = tmp_path / "demo"
   args = ["demo", "--config", os.path.join(REPO, "configs", "demo.py") + ":steps=30,batch=32,depth=1",
           "--workdir", str(workdir), "--config.eval_batch_size=100", "--config.progress=false"]
@@ -38,3 +80,4 @@ def test_demo_writes_side_by_side_summary(tmp_path, capsys):
   mtime = os.path.getmtime(workdir / "balance" / "m4.npz")
   assert cli.main(args) == 0
   assert os.path.getmtime(workdir / "balance" / "m4.npz") == mtime
+  assert not no_network, no_network  # nothing even tried to reach the network

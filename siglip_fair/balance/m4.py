@@ -88,6 +88,10 @@ def default_config() -> ml_collections.ConfigDict:
   # the result does not depend on the device or process count.
   c.optim.blocks = 8
   c.repeats = False      # also draw integer repeat counts with E[r] = q / η (same-size data).
+  # The `balance` command fails (exit 1, nothing written) when the card's verdict is
+  # 'infeasible'; True writes the outputs anyway, with the verdict and binding constraints in
+  # the card. The library (`balance`, `balance_stream`) always returns the card.
+  c.allow_infeasible = False
   return c
 
 
@@ -227,12 +231,21 @@ def prepare(ann: dict, config) -> Examples:
 
 
 def check_config(config) -> None:
-  """Raises ValueError naming the first out-of-range M4 setting."""
+  """Raises ValueError naming the first out-of-range M4 setting (messages name the field as
+  `balance.<field>`, its place in the experiment config)."""
   if not 0.0 < config.eta <= 1.0:
-    raise ValueError(f"config.eta (the budget E[q]) must be in (0, 1], got {config.eta}.")
+    raise ValueError(f"balance.eta={config.eta} is the budget E[q], the expected kept "
+                     "fraction, so it must be in (0, 1]; e.g. --config.balance.eta=0.65 keeps "
+                     "65 % of the data.")
+  if config.pi is not None:
+    pi = np.asarray(config.pi, np.float64).reshape(-1)
+    if pi.size == 0 or not np.all(np.isfinite(pi) & (pi >= 0) & (pi <= 1)):
+      raise ValueError(f"balance.pi={config.pi} must list one target prevalence in [0, 1] per "
+                       "group (e.g. (0.5, 0.5) for two groups), or be None to keep each "
+                       "group's current prevalence.")
   for name in ("eps_rep", "eps_assoc", "tol"):
     if not config[name] >= 0.0:
-      raise ValueError(f"config.{name} must be >= 0, got {config[name]}.")
+      raise ValueError(f"balance.{name} must be >= 0, got {config[name]}.")
   for name in ("tolerance", "tolerance_proxy"):
     value = config.get(name)
     if value not in ("absolute", "relative") and not (name == "tolerance_proxy" and value is None):
@@ -275,8 +288,24 @@ def targets(config, totals: dict) -> np.ndarray:
     return (totals["s_known"] / np.maximum(totals["known"], 1)).astype(np.float32)
   pi = np.asarray(config.pi, np.float32).reshape(-1)
   if pi.shape != (m,) or not np.all((pi >= 0) & (pi <= 1)):
-    raise ValueError(f"config.pi must be {m} targets in [0, 1], one per group; got "
+    raise ValueError(f"balance.pi must be {m} targets in [0, 1], one per group; got "
                      f"{config.pi}.")
+  known, s_known = np.asarray(totals["known"], np.float64), np.asarray(totals["s_known"])
+  exclusive = known.max() > 0 and np.allclose(known, known[0]) and np.isclose(
+      s_known.sum(), known[0], rtol=1e-6)
+  if exclusive:
+    # Every known row is in exactly one group, so Σ_k E[q (s_k − π_k) known] =
+    # (1 − Σπ) E[q known], and E[q known] >= η − P(unknown). Beyond the sum of the m
+    # tolerances no q meets every prevalence constraint: say so instead of solving.
+    floor = max(0.0, float(config.eta) - (1.0 - known[0] / totals["n"]))
+    slack = m * (float(config.eps_rep) + float(config.tol))
+    if abs(1.0 - float(pi.sum())) * floor > slack:
+      raise ValueError(
+          f"balance.pi={tuple(round(float(p), 4) for p in pi)} sums to {pi.sum():.3f}, but "
+          "every example whose group is known is in exactly one group, so the kept "
+          "prevalences sum to 1 and these targets cannot be met (within eps_rep="
+          f"{config.eps_rep}); give targets that sum to 1, e.g. "
+          f"{tuple(round(1 / m, 4) for _ in range(m))}.")
   return pi
 
 

@@ -52,9 +52,10 @@ class ArrayShard:
     return {k: v[start:stop] for k, v in self.arrays.items()}
 
 
-def _npz_lengths(path: str) -> dict[str, tuple[int, ...]]:
-  """Array shapes of an .npz from its member headers, without reading the data."""
-  shapes = {}
+def _npz_headers(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """(shape, dtype) of every array of an .npz from its member headers, without reading the
+  data (nor unpickling anything)."""
+  headers = {}
   with zipfile.ZipFile(path) as z:
     for name in z.namelist():
       if not name.endswith(".npy"):
@@ -62,13 +63,40 @@ def _npz_lengths(path: str) -> dict[str, tuple[int, ...]]:
       with z.open(name) as f:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
-          shape = np.lib.format.read_array_header_1_0(f)[0]
+          shape, _, dtype = np.lib.format.read_array_header_1_0(f)
         elif version == (2, 0):
-          shape = np.lib.format.read_array_header_2_0(f)[0]
+          shape, _, dtype = np.lib.format.read_array_header_2_0(f)
         else:  # rare (non-latin-1 field names): read the array itself
-          shape = np.lib.format.read_array(f, allow_pickle=False).shape
-      shapes[name[:-4]] = shape
-  return shapes
+          array = np.lib.format.read_array(f, allow_pickle=False)
+          shape, dtype = array.shape, array.dtype
+      headers[name[:-4]] = (shape, dtype)
+  return headers
+
+
+# The shape each field must have, N rows like 's' [N, m] (docs/ARCHITECTURE.md).
+_SHAPES = {"known": "[N] or [N, m]", "y": "[N, c]", "w": "[N, p]", "u": "[N]"}
+
+
+def _shape_ok(name: str, shape: tuple[int, ...], s: tuple[int, ...]) -> bool:
+  if shape[:1] != s[:1]:
+    return False
+  if name == "known":
+    return len(shape) == 1 or tuple(shape) == tuple(s)
+  return len(shape) == (1 if name == "u" else 2)
+
+
+def _check_shapes(path: str, shapes: Mapping[str, tuple[int, ...]]) -> None:
+  """Every field has the rows of 's' and its rank, so a bad shard fails when it is opened,
+  naming the file, rather than midway through a pass."""
+  s = tuple(shapes["s"])
+  fix = "rewrite the shard with balance.write_shards (docs/ARCHITECTURE.md, Annotations)"
+  if len(s) != 2 or 0 in s[1:]:
+    raise ValueError(f"annotation shard {path!r}: 's' has shape {s} but must be [N, m] "
+                     f"(one multi-hot column per group); {fix}.")
+  for name, want in _SHAPES.items():
+    if name in shapes and not _shape_ok(name, tuple(shapes[name]), s):
+      raise ValueError(f"annotation shard {path!r}: {name!r} has shape {tuple(shapes[name])} "
+                       f"but must be {want} with N = {s[0]} like 's' {s}; {fix}.")
 
 
 class NpzShard:
@@ -80,13 +108,21 @@ class NpzShard:
     if not os.path.exists(self.path):
       raise FileNotFoundError(f"annotation shard {self.path!r} does not exist.")
     try:
-      shapes = _npz_lengths(self.path)
-    except (zipfile.BadZipFile, ValueError, OSError) as e:
-      raise ValueError(f"annotation shard {self.path!r} is not a readable .npz file ({e}).") from None
-    if "s" not in shapes:
+      headers = _npz_headers(self.path)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+      raise ValueError(f"annotation shard {self.path!r} is not a readable .npz file ({e}); "
+                       "rewrite it with balance.write_shards.") from None
+    pickled = sorted(k for k, (_, dtype) in headers.items() if dtype.hasobject)
+    if pickled:
+      raise ValueError(f"annotation shard {self.path!r} holds pickled Python objects in "
+                       f"{pickled}, which are never loaded (allow_pickle=False: a pickle can run "
+                       "code, so the file is not trusted); save plain numeric arrays, e.g. "
+                       "with balance.write_shards.")
+    if "s" not in headers:
       raise ValueError(f"annotation shard {self.path!r} has no 's' array; it has "
-                       f"{sorted(shapes)}.")
-    self._n = shapes["s"][0]
+                       f"{sorted(headers)}.")
+    _check_shapes(self.path, {k: shape for k, (shape, _) in headers.items() if k in FIELDS})
+    self._n = headers["s"][0][0]
     self._cache = None
 
   def __len__(self):
@@ -94,7 +130,15 @@ class NpzShard:
 
   def load(self) -> dict[str, np.ndarray]:
     with np.load(self.path, allow_pickle=False) as f:
-      return {k: f[k] for k in f.files if k in FIELDS}
+      arrays = {k: f[k] for k in f.files if k in FIELDS}
+    for name, x in arrays.items():
+      if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+        bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        raise ValueError(
+            f"annotation shard {self.path!r}: {name!r} has {int(bad.sum())} row(s) with "
+            f"NaN or inf values (first: row {int(np.argmax(bad))} of the shard); fix or drop "
+            "those rows and rewrite the shard.")
+    return arrays
 
   def read(self, start, stop):
     if self._cache is None or start == 0:
@@ -192,6 +236,11 @@ def as_shards(source) -> list:
     return [ArrayShard(source)]
   if isinstance(source, (str, os.PathLike)):
     path = os.fspath(source)
+    if not os.path.exists(path):
+      raise FileNotFoundError(
+          f"annotation source {path!r} does not exist; annotations_dir must be a folder of "
+          ".npz or .parquet annotation shards (balance.write_shards writes them), or one "
+          "such file.")
     if os.path.isdir(path):
       files = sorted(f for f in os.listdir(path)
                      if f.endswith((".npz", ".parquet")) and not f.startswith("."))

@@ -83,9 +83,14 @@ def resolve_steps(config: ml_collections.ConfigDict,
   if "total" not in config:
     raise ValueError("config.total is required: training length as steps, 'Nex', 'Nep'.")
   bs = config.get("batch_size")
+  if isinstance(bs, bool) or not isinstance(bs, int) or bs <= 0:
+    raise ValueError(f"config.batch_size={bs!r} must be a positive integer: the global batch "
+                     "(examples per step over all devices), e.g. --config.batch_size=256.")
   total = to_steps(config.total, batch_size=bs, num_examples=num_examples, name="total")
   if total <= 0:
-    raise ValueError(f"config.total={config.total!r} gives {total} steps; training needs >= 1.")
+    raise ValueError(f"config.total={config.total!r} gives {total} steps; training needs >= 1: "
+                     "set --config.total to steps (1000), examples ('50000ex') or epochs "
+                     "('2ep').")
   out = ml_collections.ConfigDict({"total_steps": total})
   for field, default in DURATION_FIELDS.items():
     steps = to_steps(config.get(field, default), batch_size=bs, total_steps=total,
@@ -93,3 +98,9 @@ def resolve_steps(config: ml_collections.ConfigDict,
     key = "warmup_steps" if field == "warmup" else field
     out[key] = min(steps, total) if field == "warmup" else max(1, steps)
   return out
+
+
+def check_durations(config: ml_collections.ConfigDict) -> None:
+  """Validates batch_size and every duration before any data exist (so before anything is
+  written); epochs are counted as if the training set held one batch, which keeps their sign."""
+  resolve_steps(config, num_examples=config.get("batch_size"))

@@ -21,6 +21,10 @@ import ml_collections
 from siglip_fair.config import durations
 
 _DURATION_KEYS = {"total", *durations.DURATION_FIELDS}
+# Groups whose members the user names (one entry per real eval dataset): an override may add a
+# member, e.g. `--config.eval_data.ff.dataset=fairface`; its fields are checked where they are
+# read (study.eval_sources).
+OPEN_GROUPS = ("eval_data",)
 
 
 class ConfigError(ValueError):
@@ -59,7 +63,8 @@ def load_config_file(spec: str) -> tuple[ml_collections.ConfigDict, Any]:
   if not path.endswith(".py"):
     raise ConfigError(f"--config must name a .py file (optionally ':args'), got {spec!r}.")
   if not os.path.isfile(path):
-    raise ConfigError(f"config file {path!r} does not exist.")
+    raise ConfigError(f"config file {path!r} does not exist; pass an existing FILE.py[:ARGS] "
+                      "(e.g. configs/siglip.py) or leave --config out for the default.")
   name = "siglip_fair_config_" + os.path.splitext(os.path.basename(path))[0]
   module_spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(module_spec)
@@ -72,7 +77,9 @@ def load_config_file(spec: str) -> tuple[ml_collections.ConfigDict, Any]:
   finally:
     sys.path.remove(root)
   if not hasattr(module, "get_config"):
-    raise ConfigError(f"config file {path!r} defines no get_config(arg).")
+    raise ConfigError(f"config file {path!r} defines no get_config(arg); add `def "
+                      "get_config(arg=None)` returning an ml_collections.ConfigDict (see "
+                      "configs/siglip.py).")
   config = module.get_config(arg or None)
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict, "
@@ -88,7 +95,11 @@ def apply_overrides(config: ml_collections.ConfigDict,
     current = parent[leaf]
     if leaf in _DURATION_KEYS and isinstance(current, (int, str)):
       # Durations take steps or unit strings ('5000ex', '2ep', '10%'); checked in durations.py.
-      durations.to_steps(raw, batch_size=1, total_steps=1, num_examples=1, name=dotted)
+      try:
+        durations.to_steps(raw, batch_size=1, total_steps=1, num_examples=1,
+                           name=f"--config.{dotted}")
+      except ValueError as e:  # a ConfigError, so the CLI reports it like any bad override
+        raise ConfigError(str(e)) from None
       parent[leaf] = raw
       continue
     parent[leaf] = _convert(raw, current, f"--config.{dotted}")
@@ -126,10 +137,18 @@ def _lookup_parent(config, dotted: str):
   node, parts = config, dotted.split(".")
   for depth, part in enumerate(parts):
     keys = list(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
+    if part not in keys and depth == 1 and parts[0] in OPEN_GROUPS and len(parts) == 3:
+      node[part] = ml_collections.ConfigDict()  # a new member: eval_data.<name>.<field>
+      keys.append(part)
+    if (part not in keys and depth == 2 and parts[0] in OPEN_GROUPS
+        and isinstance(node, ml_collections.ConfigDict)):
+      node[part] = None  # a member's field; None takes the value as a literal or a string
+      keys.append(part)
     if part not in keys:
       where = ".".join(parts[:depth]) or "config"
-      raise ConfigError(f"unknown config key {dotted!r}: {where} has no field {part!r}"
-                        f"{_suggest(part, keys)}.")
+      hint = _suggest(part, keys) or (f"; its fields are {', '.join(sorted(keys))}" if keys
+                                      else "")
+      raise ConfigError(f"unknown config key {dotted!r}: {where} has no field {part!r}{hint}.")
     if depth == len(parts) - 1:
       return node, part
     node = node[part]
@@ -154,7 +173,8 @@ def _convert(raw: str, current: Any, what: str):
   except (ValueError, SyntaxError):
     if current is None:
       return raw  # Unset fields (None) take strings as given.
-    raise ConfigError(f"{what} expects {type(current).__name__}, got {raw!r}.") from None
+    raise ConfigError(f"{what} expects {type(current).__name__} (like its current value "
+                      f"{current!r}), got {raw!r}.") from None
   if current is None:
     return value
   if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -162,8 +182,8 @@ def _convert(raw: str, current: Any, what: str):
   if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):
     return type(current)(value)
   if isinstance(value, bool) or not isinstance(value, type(current)):
-    raise ConfigError(f"{what} expects {type(current).__name__}, got {raw!r} "
-                      f"({type(value).__name__}).")
+    raise ConfigError(f"{what} expects {type(current).__name__} (like its current value "
+                      f"{current!r}), got {raw!r} ({type(value).__name__}).")
   return value
 
 

@@ -39,6 +39,13 @@ def _world_json(world_cfg: ml_collections.ConfigDict) -> str:
 def builder_config(world_cfg: ml_collections.ConfigDict) -> WorldBuilderConfig:
   """The TFDS config for a world: name `s{seed}_{hash of all knobs}`."""
   world.validate_config(world_cfg)
+  for split in world.SPLITS:
+    if world_cfg.sizes[split] < 1:
+      # TFDS refuses to finish an empty split (a bare AssertionError, after generating the
+      # others), and every split is read: train for training, the rest by the evaluators.
+      raise ValueError(f"world.sizes.{split}={world_cfg.sizes[split]}: every split of the "
+                       "synthetic world needs at least one example (TFDS cannot write an empty "
+                       f"split); e.g. --config.world.sizes.{split}=100.")
   knobs = _world_json(world_cfg)
   digest = hashlib.sha256(knobs.encode("utf-8")).hexdigest()[:12]
   return WorldBuilderConfig(
@@ -94,6 +101,71 @@ class SyntheticWorld(tfds.core.GeneratorBasedBuilder):
       yield int(ex["id"]), ex
 
 
+class CorruptRecordsError(ValueError):
+  """A record of an ArrayRecord dataset does not read back; the message names the file."""
+
+
+class CheckedSource:
+  """A TFDS ArrayRecord source whose read failures name the shard file and the fix.
+
+  array_record reports damage as a bare RuntimeError from a reader thread ('Corrupted
+  Riegeli/records file: chunk data hash mismatch ...'), which names neither the dataset nor
+  the file. Everything else (len, records, `dataset_info`, ...) is the wrapped source's.
+  """
+
+  def __init__(self, source, name: str, fix: str):
+    self._source, self._name, self._fix = source, name, fix
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, i):
+    try:
+      return self._source[i]
+    except (RuntimeError, OSError) as e:
+      raise self._error(int(i), e) from None
+
+  def __getitems__(self, indices):
+    try:
+      getitems = getattr(self._source, "__getitems__", None)
+      return (getitems(indices) if getitems is not None
+              else [self._source[i] for i in indices])
+    except (RuntimeError, OSError) as e:
+      raise self._error(self._first_bad(indices), e) from None
+
+  def __getattr__(self, name):
+    if name.startswith("_"):  # e.g. while unpickling, before __init__ ran
+      raise AttributeError(name)
+    return getattr(self._source, name)
+
+  def __repr__(self) -> str:
+    return f"CheckedSource({self._name}, {self._source!r})"
+
+  def _first_bad(self, indices) -> int:
+    for i in indices:
+      try:
+        self._source[int(i)]
+      except (RuntimeError, OSError):
+        return int(i)
+    return int(indices[0]) if len(indices) else 0
+
+  def _file(self, i: int) -> str:
+    """The shard file that holds record i (array_record's read instructions, when present)."""
+    reader = getattr(self._source, "data_source", None)
+    start = 0
+    for instruction in getattr(reader, "_read_instructions", None) or ():
+      if i < start + instruction.num_records:
+        return os.fspath(instruction.filename)
+      start += instruction.num_records
+    return "its ArrayRecord files"
+
+  def _error(self, i: int, error: BaseException) -> CorruptRecordsError:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return CorruptRecordsError(
+        f"{self._name}: record {i} of {self._file(i)} cannot be read ({reason}); the "
+        f"ArrayRecord shard is corrupted or truncated: {self._fix}.")
+
+
 @contextlib.contextmanager
 def _quiet_absl():
   """TFDS logs a warning for every custom builder config; ours are all custom."""
@@ -134,10 +206,14 @@ def data_source(world_cfg: ml_collections.ConfigDict, data_dir, split: str):
                      f"{builder.builder_config.name} under {data_dir}; run "
                      "siglip_fair.data.builder.build(world_cfg, data_dir) first.")
   with _quiet_absl():
-    return tfds.data_source(
+    source = tfds.data_source(
         "synthetic_world", split=split, data_dir=os.fspath(data_dir),
         download=False, builder_kwargs=dict(config=builder.builder_config,
                                             file_format="array_record"))
+  return CheckedSource(
+      source, f"synthetic_world split {split!r}",
+      f"delete {os.fspath(builder.data_dir)} and run again, which regenerates the world from "
+      "its config")
 
 
 def num_examples(world_cfg: ml_collections.ConfigDict, split: str) -> int:

@@ -31,7 +31,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import read_only_builder
 from tensorflow_datasets.core import registered
 
-from siglip_fair.data import faces
+from siglip_fair.data import builder, faces
 
 NUM_CAPTIONS = 5
 
@@ -261,4 +261,8 @@ def load_source(name: str, split: str, *, data_dir=None,
     source = dollar_street.data_source(split, data_dir)
   else:
     source = _tfds_source(spec.tfds_name, split, data_dir)
+  where = os.fspath(data_dir) if data_dir else "the default TFDS data dir"
+  source = builder.CheckedSource(
+      source, f"{name} split {split!r}",
+      f"delete that dataset's folder under {where} and prepare it again")
   return Records(source, spec.fields, image_size)

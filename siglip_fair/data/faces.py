@@ -224,9 +224,17 @@ def build(name: str, manual_dir, data_dir=None) -> str:
   Returns:
     The builder's data directory. A complete build is reused.
   """
+  if name not in BUILDERS:
+    raise ValueError(f"Unknown face dataset {name!r}; known: {sorted(BUILDERS)}.")
+  manual_dir = os.path.expanduser(os.fspath(manual_dir))
+  if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
+    # Checked here as well as in the builder so the message names the folder (TFDS's own
+    # check is a bare assertion) and nothing of the dataset is started.
+    raise FileNotFoundError(f"{name}: manual download folder {manual_dir} is missing or "
+                            f"empty.\n{BUILDERS[name].MANUAL_DOWNLOAD_INSTRUCTIONS}")
   builder = _builder(name, data_dir)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=os.fspath(os.path.expanduser(os.fspath(manual_dir)))))
+      manual_dir=manual_dir))
   return os.fspath(builder.data_dir)
 
 

@@ -39,6 +39,7 @@ import PIL.Image
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import read_only_builder
 
+from siglip_fair.data.builder import CheckedSource
 from siglip_fair.io import atomic_write
 
 KINDS = ("folder", "manifest", "webdataset")
@@ -229,6 +230,8 @@ def import_pairs(kind: str, inputs: Sequence[str] | str, data_dir: str, *, name:
              "manifest": lambda: (e for p in inputs for e in manifest_entries(p)),
              "webdataset": lambda: webdataset_entries(inputs)}[kind]()
   report: dict = {}
+  root = os.path.join(os.path.expanduser(data_dir), name)
+  existed = os.path.exists(root)
   # One builder class per dataset name; not registered, so importing twice is fine.
   builder = type(name, (ImageTextPairs,), {"name": name, "__module__": __name__},
                  skip_registration=True)(
@@ -240,15 +243,27 @@ def import_pairs(kind: str, inputs: Sequence[str] | str, data_dir: str, *, name:
   except AssertionError as e:
     # TFDS refuses to finish a split without examples (and removes what it started).
     if report.get("kept") == 0:
-      raise ValueError(f"import {name!r}: no usable pairs in {inputs} "
-                       f"(skipped: {report['skipped']}).") from e
+      if not existed:
+        _remove_empty_folders(root)  # TFDS removes its files but leaves the folder
+      raise ValueError(f"import {name!r}: no usable pairs in {inputs}, every entry was skipped "
+                       f"(skipped: {report['skipped']}; e.g. {report['examples']}); each image "
+                       "must decode and have a non-empty UTF-8 caption. Nothing was "
+                       "written.") from None
     raise
   out = os.fspath(builder.data_dir)
   if report:
     atomic_write(os.path.join(out, "import_report.json"), json.dumps(report, indent=1))
-    print(f"import {name}: kept {report['kept']}, skipped " + (", ".join(
-        f"{n} ({r})" for r, n in report["skipped"].items()) or "none"))
+    skipped = ", ".join(f"{n} ({r})" for r, n in report["skipped"].items())
+    print(f"import {name}: kept {report['kept']}, skipped " + (
+        f"{skipped}; the skipped entries are listed in {out}/import_report.json (fix them and "
+        "import under a new name to include them)" if skipped else "none"))
   return out
+
+
+def _remove_empty_folders(root: str) -> None:
+  for folder, _, _ in os.walk(root, topdown=False):
+    if not os.listdir(folder):
+      os.rmdir(folder)
 
 
 def data_source(path: str, split: str = "train"):
@@ -258,7 +273,9 @@ def data_source(path: str, split: str = "train"):
   if not os.path.exists(os.path.join(path, "dataset_info.json")):
     raise FileNotFoundError(f"{path!r} is not an imported dataset (no dataset_info.json); "
                             "create one with `python -m siglip_fair.data.imports`.")
-  return read_only_builder.builder_from_directory(path).as_data_source(split=split)
+  return CheckedSource(read_only_builder.builder_from_directory(path).as_data_source(split=split),
+                       f"imported dataset {path!r}",
+                       f"delete {path} and import the corpus again")
 
 
 def image_size(path: str) -> int:
@@ -271,7 +288,9 @@ def read_captions(path: str, split: str = "train") -> np.ndarray:
   """object (bytes) [N, K]: every record's captions without decoding its image; records with
   fewer than K captions repeat theirs cyclically (as the COCO loader pads)."""
   builder = read_only_builder.builder_from_directory(os.path.expanduser(path))
-  source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+  source = CheckedSource(
+      builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()}),
+      f"imported dataset {path!r}", f"delete {path} and import the corpus again")
   lists = [[bytes(c) for c in source[i]["captions"]] for i in range(len(source))]
   k = max((len(c) for c in lists), default=1)
   out = np.empty((len(lists), k), dtype=object)

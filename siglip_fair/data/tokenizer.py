@@ -104,8 +104,12 @@ class Tokenizer:
     try:
       self._sp.LoadFromSerializedProto(proto)
     except (RuntimeError, OSError) as e:
+      # sentencepiece's own message is a C++ parse failure; say what the file should be.
       raise ValueError(
-          f"{model_path!r} is not a valid SentencePiece model ({e}).") from e
+          f"{model_path!r} is not a valid SentencePiece model (its {len(proto)} bytes do not "
+          "parse as one); point tokenizer.path at a `.model` file written by sentencepiece (e.g. "
+          "big_vision's or one from train_sentencepiece), or leave tokenizer.path empty to "
+          "train one on the captions.") from None
     if self._sp.pad_id() != PAD_ID or self._sp.eos_id() < 0:
       raise ValueError(
           f"{model_path!r} has pad_id={self._sp.pad_id()}, "

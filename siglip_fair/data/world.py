@@ -129,7 +129,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"world.num_captions={cfg.num_captions} must be >= 1.")
   for split in SPLITS:
     if split not in cfg.sizes or cfg.sizes[split] < 0:
-      raise ValueError(f"world.sizes.{split} must be set to an int >= 0.")
+      raise ValueError(f"world.sizes.{split}={cfg.sizes.get(split)!r} must be a number of "
+                       f"examples >= 0 (>= 1 to build it), e.g. --config.world.sizes.{split}="
+                       f"{default_config().sizes[split]}.")
   woman_probability(cfg)
 
 

@@ -105,8 +105,11 @@ def load_two_tower(cfg: ml_collections.ConfigDict, workdir: str,
     if int(cfg.get("image_size", 0)) < 1:
       raise ValueError("clip.kind='big_vision' needs clip.image_size (e.g. 224).")
     flat = big_vision.load_npz(cfg.npz)
-    model_cfg = ml_collections.ConfigDict(big_vision.model_config(
-        flat, text_padding=cfg.get("text_padding", "none")))
+    try:
+      model_cfg = ml_collections.ConfigDict(big_vision.model_config(
+          flat, text_padding=cfg.get("text_padding", "none")))
+    except ValueError as e:  # name the file: the message itself only lists keys
+      raise ValueError(f"clip.npz={cfg.npz!r}: {e}") from None
     model = make_model(model_cfg)
     tokenizer = Tokenizer(cfg.tokenizer, model_cfg.text.max_len, eos=cfg.get("eos", "none"))
     embed_images, embed_texts = embed_fns(model)

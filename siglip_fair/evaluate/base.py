@@ -95,8 +95,14 @@ class Evaluator:
     self.config["bootstrap"] = {**_BOOTSTRAP, **self.config["bootstrap"]}
     split = self.config["split"]
     if split not in context.sources:
-      raise ValueError(f"{type(self).__name__} needs split {split!r}; the "
-                       f"context has {sorted(context.sources)}.")
+      raise ValueError(f"{type(self).__name__} needs split {split!r}, which does not exist; "
+                       f"set its `split` to one of {sorted(context.sources)} (real datasets "
+                       "join them through config.eval_data).")
+    if not len(context.sources[split]):
+      # Found at build time, before training, rather than at the first evaluation.
+      raise ValueError(f"{type(self).__name__} reads split {split!r}, which has no examples; "
+                       "give it some (e.g. world.sizes or a non-empty eval_data split) or "
+                       "drop the evaluator from config.evals.")
     if context.batch_size < 1:
       raise ValueError(f"batch_size={context.batch_size} must be >= 1.")
     self.context = context

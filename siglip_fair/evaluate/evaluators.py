@@ -150,16 +150,25 @@ def default_evals_config(object_classes: Sequence[str], *,
   })
 
 
+def evaluator_class(name: str, sub: Mapping[str, Any]) -> type[Evaluator]:
+  """The class of evaluator `name` (its `type`, defaulting to the name); no data needed, so
+  the command line checks `config.evals` before it builds or writes anything."""
+  kind = sub.get("type", name)
+  if kind not in EVALUATORS:
+    raise ValueError(f"config.evals.{name}.type={kind!r} is not an evaluator type; known types: "
+                     f"{sorted(EVALUATORS)}{_close(kind, EVALUATORS)}.")
+  return EVALUATORS[kind]
+
+
+def _close(word, choices) -> str:
+  import difflib  # pylint: disable=g-import-not-at-top
+  match = difflib.get_close_matches(str(word), list(choices), n=1)
+  return f" (did you mean {match[0]!r}?)" if match else ""
+
+
 def build_evaluators(config: Mapping[str, Any], context: EvalContext) -> dict[str, Evaluator]:
   """Builds one evaluator per entry of `config` (usually `config.evals`)."""
-  evaluators = {}
-  for name, sub in dict(config).items():
-    kind = sub.get("type", name)
-    if kind not in EVALUATORS:
-      raise ValueError(f"Evaluator {name!r} has type {kind!r}; known types: "
-                       f"{sorted(EVALUATORS)}.")
-    evaluators[name] = EVALUATORS[kind](sub, context)
-  return evaluators
+  return {name: evaluator_class(name, sub)(sub, context) for name, sub in dict(config).items()}
 
 
 def as_rows(results: Mapping[str, float]) -> list[dict[str, Any]]:

@@ -68,7 +68,9 @@ def _canonical(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   if missing or unknown:
     show = lambda keys: f"{keys[:12]}{' ...' if len(keys) > 12 else ''}"  # noqa: E731
     raise ValueError(f"not a big_vision two-tower checkpoint: missing keys {show(missing)}, "
-                     f"unknown keys {show(unknown)}.")
+                     f"unknown keys {show(unknown)}; use the SigLIP two-tower params of a "
+                     "big_vision run (img/..., txt/..., t), or write ours with "
+                     "models.big_vision.save_npz.")
   return out
 
 
@@ -145,8 +147,10 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
   except ValueError as e:
     if "pickle" not in str(e):
       raise
-    raise ValueError(f"{os.fspath(path)!r} holds object (pickled) arrays, which are never "
-                     "loaded (allow_pickle=False); save plain numeric arrays.") from e
+    raise ValueError(f"{os.fspath(path)!r} holds pickled Python objects (object arrays), "
+                     "which are never loaded (allow_pickle=False: a pickle can run code, so "
+                     "the file is not trusted); save plain numeric arrays, e.g. with "
+                     "models.big_vision.save_npz.") from None
   except (AttributeError, TypeError, zipfile.BadZipFile, OSError) as e:
     raise ValueError(f"{os.fspath(path)!r} is not a readable .npz archive ({e}).") from e
 

@@ -97,6 +97,10 @@ def make_model(config) -> TwoTower:
   for key in ("image", "text", "embed_dim"):
     if key not in config:
       raise ValueError(f"config.model.{key} is required.")
+  embed_dim = config["embed_dim"]
+  if isinstance(embed_dim, bool) or not isinstance(embed_dim, (int, np.integer)) or embed_dim < 1:
+    raise ValueError(f"config.model.embed_dim={embed_dim!r} must be a positive integer (the "
+                     "width of the shared embedding space), e.g. --config.model.embed_dim=64.")
   icfg, tcfg = config["image"], config["text"]
   if tcfg.get("vocab_size") is None:
     raise ValueError("config.model.text.vocab_size is required (the tokenizer's vocabulary).")

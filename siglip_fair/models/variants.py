@@ -53,6 +53,9 @@ def decode_variant(variant: str, *, overrides=None, need_patch: bool = False) ->
     if key not in OVERRIDABLE:
       raise ValueError(f"unknown model override {key!r}; allowed: {OVERRIDABLE}.")
     if value is not None:
+      if int(value) < 1:
+        raise ValueError(f"model variant {variant!r}: {key}={value} must be >= 1; leave it "
+                         "unset (None) to keep the variant's.")
       out[key] = int(value)
   if out["width"] % out["num_heads"]:
     raise ValueError(

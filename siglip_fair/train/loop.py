@@ -6,12 +6,30 @@ loss_impl ('full' | 'ring' | 'chunked'), loss_chunk, model,
 optim, mesh (default {'data': -1}), sharding_rules (default replicate all), progress (bool,
 default True; the bar only shows when stderr is a terminal), tensorboard (bool, default True:
 summaries in <workdir>/tensorboard), peak_flops (per-device FLOP/s for MFU when the device is
-not in `flops.PEAK_FLOPS`).
+not in `flops.PEAK_FLOPS`), nonfinite ('stop' | 'skip', default 'stop': what a step whose
+loss, gradients or updated parameters are NaN/Inf does; see below).
+
+Non-finite steps. Every step computes a finite flag on the device; the loop reads the flags of
+the steps since its last look (no per-step host sync) before it logs, evaluates or saves, so no
+checkpoint ever follows a bad step. 'stop' raises `NonFiniteError` naming the first bad step,
+the offending metrics and the last good checkpoint (which stays the latest); 'skip' drops that
+step's update inside the compiled step (parameters and optimizer state unchanged, bit for bit),
+logs `nonfinite` (0/1) and the running count `nonfinite_steps`, and trains on.
+
+Pre-emption. While the loop runs, SIGTERM (what SLURM, Kubernetes and Cloud TPU send before
+evicting a job) sets a flag; at the end of the current step the loop saves a checkpoint, waits
+for it, and raises `Preempted` (exit status 143 = 128 + SIGTERM, the status schedulers read as
+"terminated"). Rerunning the same command resumes bit for bit. With several processes the
+processes agree on the step through JAX's preemption sync point.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import signal
+import sys
+import threading
 import time
 from typing import Callable
 
@@ -31,6 +49,121 @@ from siglip_fair.train.state import TrainState, make_init_fn, make_train_step
 
 # Batch fields the step consumes, with the dtype they are fed as; other fields are not sent.
 BATCH_DTYPES = {"image": np.float32, "text": np.int32, "weight": np.float32}
+
+# The step's metrics that say what went non-finite, in the order the error message names them.
+_GUARDED = ("loss", "grad_norm", "param_norm")
+
+
+class Preempted(SystemExit):
+  """SIGTERM stopped the job after its state was saved; exit status 143 (128 + SIGTERM).
+
+  A SystemExit, so it passes through `except Exception` handlers and ends the process with
+  that status unless caught; `str(e)` is the one-line message (already printed to stderr).
+  """
+
+  def __init__(self, message: str):
+    super().__init__(143)
+    self.message = message
+
+  def __str__(self):
+    return self.message
+
+
+class NonFiniteError(ValueError):
+  """A training step produced NaN/Inf under nonfinite='stop'; nothing after it was saved."""
+
+
+@contextlib.contextmanager
+def sigterm_flag():
+  """Yields a threading.Event that SIGTERM sets while the block runs; the previous handler is
+  restored afterwards. Python handles signals in the main thread only, so elsewhere (and with
+  several processes, where JAX's preemption service owns SIGTERM) the event never fires."""
+  flag = threading.Event()
+  if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
+    yield flag
+    return
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+  try:
+    yield flag
+  finally:
+    # None: a handler installed outside Python, which cannot be put back; use the default.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+@contextlib.contextmanager
+def sigterm_raises(message: str):
+  """Inside the block, SIGTERM prints `message` and raises `Preempted(message)` right away (for
+  stages with nothing to save: atomic writes in progress remove their temp files)."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def handler(signum, frame):
+    del signum, frame
+    print(message, file=sys.stderr, flush=True)
+    raise Preempted(message)
+
+  previous = signal.signal(signal.SIGTERM, handler)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _preemption_sync_point(step: int) -> bool:
+  """Multi-process: whether every process has reached the step JAX's preemption service
+  chose after a SIGTERM on any of them (call it every step on every process)."""
+  if jax.process_count() == 1:
+    return False
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  try:
+    return multihost_utils.reached_preemption_sync_point(step)
+  except RuntimeError:  # the preemption service is switched off
+    return False
+
+
+class _NonFiniteGuard:
+  """The steps' finite flags, still on the device, until the loop next looks at them.
+
+  `add` keeps references to a step's outputs (no transfer); `check` fetches everything
+  pending in one device_get and, under 'stop', raises at the first non-finite step.
+  """
+
+  def __init__(self, policy: str, manager, workdir: str, count: int):
+    self.policy, self.manager, self.workdir = policy, manager, workdir
+    self.pending = []  # (step, {name: device scalar}), 'stop' only
+    self.reported = count  # nonfinite_steps when skips were last reported
+
+  def add(self, step: int, metrics: dict):
+    if self.policy == "stop":
+      self.pending.append((step, {k: metrics[k] for k in ("nonfinite", *_GUARDED)}))
+
+  def check(self):
+    pending, self.pending = self.pending, []
+    if self.policy != "stop":
+      return
+    flags = jax.device_get([m["nonfinite"] for _, m in pending])
+    for (step, metrics), bad in zip(pending, flags):
+      if bad:
+        raise NonFiniteError(self._message(step, jax.device_get(metrics)))
+
+  def report_skips(self, step: int, count: int):
+    """Under 'skip', one line on stdout when steps were skipped since the last report."""
+    if count > self.reported:
+      print(f"training: skipped {count - self.reported} non-finite step(s) up to step {step} "
+            f"({count} in all; nonfinite='skip')", flush=True)
+      self.reported = count
+
+  def _message(self, step: int, metrics: dict) -> str:
+    values = {k: float(metrics[k]) for k in _GUARDED}
+    name = next((k for k in _GUARDED if not np.isfinite(values[k])), "loss")
+    others = ", ".join(f"{k} {values[k]:.4g}" for k in _GUARDED if k != name)
+    self.manager.wait_until_finished()
+    last = self.manager.latest_step()
+    where = (f"the last good checkpoint is step {last} in {self.manager.directory}" if last
+             is not None else f"there is no checkpoint yet in {self.workdir}")
+    return (f"training: {name} is {values[name]:.4g} at step {step} ({others}); {where}; lower "
+            "optim.lr or set nonfinite='skip'")
 
 
 def _step_inputs(batch: dict) -> dict:
@@ -67,6 +200,10 @@ def train(config, workdir: str, *, train_iter, evaluate_fn: Callable | None = No
   Returns:
     The final TrainState, at step min(stop_after, total_steps) (or where a finished workdir
     already is).
+
+  Raises:
+    Preempted: on SIGTERM, after saving a checkpoint at the step that was running.
+    NonFiniteError: under nonfinite='stop', at the first step with NaN/Inf.
   """
   steps = resolve_steps(config, num_examples)
   total = steps.total_steps
@@ -103,10 +240,11 @@ def train(config, workdir: str, *, train_iter, evaluate_fn: Callable | None = No
   abstract_batch = {
       k: jax.ShapeDtypeStruct((config.batch_size, *v.shape[1:]), v.dtype, sharding=bsharding)
       for k, v in example.items()}
+  policy = config.get("nonfinite", "stop")
   step_fn = make_train_step(model, tx, config.get("loss", "sigmoid"), schedule=schedule,
                             state_sharding=shardings, batch_sharding=bsharding,
                             loss_impl=config.get("loss_impl", "full"),
-                            loss_chunk=config.get("loss_chunk", 1024))
+                            loss_chunk=config.get("loss_chunk", 1024), nonfinite=policy)
   # Compiled ahead of time, once: a batch or state with any other shape, dtype or sharding
   # raises instead of silently recompiling.
   compiled_step = step_fn.lower(abstract_state, abstract_batch).compile()
@@ -120,49 +258,66 @@ def train(config, workdir: str, *, train_iter, evaluate_fn: Callable | None = No
   bar = progress_bar(total, start, enabled=bool(config.get("progress", True)) and is_lead)
   clock, clock_step = time.perf_counter(), start
   step_seconds = 0.0  # training time since this (re)start, evaluation and saving excluded
+  guard = _NonFiniteGuard(policy, manager, workdir, int(jax.device_get(state.nonfinite_steps)))
+  step, sigterm = start, None
   try:
-    for step in range(start + 1, end + 1):
-      try:
-        batch = next(train_iter)
-      except StopIteration:
-        raise ValueError(f"train_iter ran out of data at step {step} of {total}; make it "
-                         "repeat, or shorten config.total.") from None
-      # Placing the batch is the one host->device copy per step (multi-process placement goes
-      # through a path the guard counts as implicit, so it stays outside). Inside, any implicit
-      # transfer would stall every step, so it raises instead; the metric fetch is explicit.
-      inputs = global_batch(_step_inputs(batch), mesh)
-      with jax.transfer_guard("disallow"):
-        state, metrics = compiled_step(state, inputs)
-        logging_step = _due(step, steps.log_every, total)
-        fetched = jax.device_get(metrics) if logging_step else None
-      bar.update()
-      record = {}
-      if logging_step:
-        record.update(fetched)
-        if "data_version" in batch:  # from a data schedule (data/versions.py)
-          record["data_version"] = str(batch["data_version"])
-        now = time.perf_counter()
-        step_seconds += now - clock
-        record["steps_per_sec"] = (step - clock_step) / max(now - clock, 1e-9)
-        record["examples_per_sec"] = record["steps_per_sec"] * config.batch_size
-        # Device-hours spent training since this (re)start: the cost figure of scale sweeps.
-        record["core_hours"] = step_seconds * jax.device_count() / 3600.0
-        utilisation = flops_lib.mfu(step_flops, record["steps_per_sec"], peak)
-        if utilisation is not None:
-          record["mfu"] = utilisation
-        bar.set_postfix(loss=f"{record['loss']:.4f}")
-        if bar.disable and config.get("progress", True) and is_lead:
-          print(progress_line(step, total, record["steps_per_sec"], record), flush=True)
-      if evaluate_fn is not None and _due(step, steps.eval_every, total):
-        record.update(evaluate_fn(state.params, step))
-      if record and writer is not None:
-        writer.write(step, {"examples_seen": step * config.batch_size, **record})
-      if record and tb is not None:
-        tb.write(step, record)
-      if _due(step, steps.ckpt_every, total) or step == end:
-        checkpoint.save(manager, state, train_iter)
-      if record or step % steps.ckpt_every == 0:
-        clock, clock_step = time.perf_counter(), step  # steps/s excludes eval and saving
+    with sigterm_flag() as sigterm:
+      for step in range(start + 1, end + 1):
+        try:
+          batch = next(train_iter)
+        except StopIteration:
+          raise ValueError(f"train_iter ran out of data at step {step} of {total}; make it "
+                           "repeat, or shorten config.total.") from None
+        # Placing the batch is the one host->device copy per step (multi-process placement
+        # goes through a path the guard counts as implicit, so it stays outside). Inside, any
+        # implicit transfer would stall every step, so it raises instead; the metric fetch is
+        # explicit.
+        inputs = global_batch(_step_inputs(batch), mesh)
+        with jax.transfer_guard("disallow"):
+          state, metrics = compiled_step(state, inputs)
+          guard.add(step, metrics)
+          logging_step = _due(step, steps.log_every, total)
+          fetched = jax.device_get(metrics) if logging_step else None
+        bar.update()
+        # Checked at the end of every step (a flag, or a local check in multi-process runs):
+        # on SIGTERM the state of this step is saved and the job stops.
+        preempted = sigterm.is_set() or _preemption_sync_point(step)
+        evaluating = evaluate_fn is not None and _due(step, steps.eval_every, total)
+        saving = _due(step, steps.ckpt_every, total) or step == end or preempted
+        if logging_step or evaluating or saving:
+          guard.check()  # raises at a non-finite step under 'stop', before anything is kept
+        record = {}
+        if logging_step:
+          record.update(fetched)
+          guard.report_skips(step, int(fetched["nonfinite_steps"]))
+          if "data_version" in batch:  # from a data schedule (data/versions.py)
+            record["data_version"] = str(batch["data_version"])
+          now = time.perf_counter()
+          step_seconds += now - clock
+          record["steps_per_sec"] = (step - clock_step) / max(now - clock, 1e-9)
+          record["examples_per_sec"] = record["steps_per_sec"] * config.batch_size
+          # Device-hours spent training since this (re)start: the cost figure of scale sweeps.
+          record["core_hours"] = step_seconds * jax.device_count() / 3600.0
+          utilisation = flops_lib.mfu(step_flops, record["steps_per_sec"], peak)
+          if utilisation is not None:
+            record["mfu"] = utilisation
+          bar.set_postfix(loss=f"{record['loss']:.4f}")
+          if bar.disable and config.get("progress", True) and is_lead:
+            print(progress_line(step, total, record["steps_per_sec"], record), flush=True)
+        if evaluating:
+          record.update(evaluate_fn(state.params, step))
+        if record and writer is not None:
+          writer.write(step, {"examples_seen": step * config.batch_size, **record})
+        if record and tb is not None:
+          tb.write(step, record)
+        if saving:
+          # force: a pre-emption step need not be a multiple of ckpt_every.
+          checkpoint.save(manager, state, train_iter, force=preempted)
+        if preempted:
+          manager.wait_until_finished()
+          raise _preempted(step, is_lead)
+        if record or step % steps.ckpt_every == 0:
+          clock, clock_step = time.perf_counter(), step  # steps/s excludes eval and saving
   finally:
     manager.wait_until_finished()
     manager.close()
@@ -170,4 +325,16 @@ def train(config, workdir: str, *, train_iter, evaluate_fn: Callable | None = No
     for w in (writer, tb):
       if w is not None:
         w.close()
+  if sigterm is not None and sigterm.is_set():
+    # SIGTERM after the last step's check: training is complete and saved, but the job was
+    # still asked to stop (what follows, e.g. the final evaluation, is not run).
+    raise _preempted(step, is_lead)
   return state
+
+
+def _preempted(step: int, is_lead: bool) -> Preempted:
+  message = (f"training: SIGTERM at step {step}; checkpoint saved, rerun the same command to "
+             "resume")
+  if is_lead:
+    print(message, file=sys.stderr, flush=True)
+  return Preempted(message)

@@ -41,16 +41,18 @@ def make_mesh(mesh_cfg=None, devices=None) -> Mesh:
   names, sizes = tuple(mesh_cfg), [int(s) for s in mesh_cfg.values()]
   devices = jax.devices() if devices is None else list(devices)
   n = len(devices)
+  fix = (f"give sizes whose product is the device count ({n}), or -1 for one axis to take "
+         "the rest, e.g. --config.mesh.data=-1")
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"config.mesh={mesh_cfg}: sizes must be positive, with at most one -1.")
+    raise ValueError(f"config.mesh={mesh_cfg}: sizes must be positive (or -1 for one axis); "
+                     f"{fix}.")
   known = math.prod(s for s in sizes if s != -1)
   if n % known:
-    raise ValueError(f"config.mesh={mesh_cfg}: {n} devices are not divisible by {known}.")
+    raise ValueError(f"config.mesh={mesh_cfg}: {n} devices are not divisible by {known}; {fix}.")
   sizes = [n // known if s == -1 else s for s in sizes]
   if math.prod(sizes) != n:
     raise ValueError(
-        f"config.mesh={mesh_cfg} uses {math.prod(sizes)} devices but {n} are present; "
-        "use -1 for one axis to take the rest.")
+        f"config.mesh={mesh_cfg} uses {math.prod(sizes)} devices but {n} are present; {fix}.")
   return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names),
                        devices=devices)
 
@@ -62,6 +64,20 @@ def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     raise ValueError(f"mesh axes {mesh.axis_names} include no batch axis; add one of "
                      f"{BATCH_AXES} to config.mesh (e.g. {{'data': -1}}).")
   return axes
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+  """The global batch must split evenly over the batch axes (every device gets equal rows);
+  checked up front so a bad size fails before data are built or anything is written."""
+  axes = batch_axes(mesh)
+  size = math.prod(mesh.shape[a] for a in axes)
+  if batch_size % size:
+    lower, upper = batch_size // size * size, -(-batch_size // size) * size
+    suggest = " or ".join(str(b) for b in (lower, upper) if b > 0)
+    raise ValueError(
+        f"config.batch_size={batch_size} is not divisible by the {size} devices of the "
+        f"{'/'.join(axes)} mesh axes ({dict(mesh.shape)}); use a multiple of {size} "
+        f"(e.g. {suggest}) or change config.mesh.")
 
 
 def batch_sharding(mesh: Mesh, axis=None) -> NamedSharding:

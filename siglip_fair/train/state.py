@@ -6,6 +6,7 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from siglip_fair.train import chunked_losses, ring_losses
@@ -20,11 +21,15 @@ class TrainState:
   params: model parameters.
   opt_state: optax state.
   rng: uint32 [2] raw key data (`jax.random.key_data`); raw data checkpoints like any array.
+  nonfinite_steps: int32 [] steps whose loss, gradients or updated parameters were NaN/Inf
+    (their updates are dropped under nonfinite='skip'); checkpointed, so the count survives a
+    resume.
   """
   step: jax.Array
   params: Any
   opt_state: Any
   rng: jax.Array
+  nonfinite_steps: jax.Array = np.int32(0)  # a numpy scalar: no device work at import time
 
 
 def _key_name(key) -> str:
@@ -53,14 +58,19 @@ def make_init_fn(model, tx: optax.GradientTransformation, image, text) -> Callab
     params = model.init(params_key, jnp.zeros(image.shape, image.dtype),
                         jnp.ones(text.shape, text.dtype))["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(state_key))
+                      rng=jax.random.key_data(state_key),
+                      nonfinite_steps=jnp.zeros((), jnp.int32))
 
   return init
 
 
+NONFINITE_POLICIES = ("stop", "skip")
+
+
 def make_train_step(model, tx: optax.GradientTransformation, loss_name: str, *,
                     schedule: Callable, state_sharding, batch_sharding,
-                    loss_impl: str = "full", loss_chunk: int = 1024) -> Callable:
+                    loss_impl: str = "full", loss_chunk: int = 1024,
+                    nonfinite: str = "stop") -> Callable:
   """Jitted `step(state, batch) -> (state, metrics)`; the input state's buffers are donated.
 
   loss_impl: 'full' (the [B, B] logits under jit), 'ring' (`ring_losses`: text blocks passed
@@ -69,9 +79,18 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_name: str, *,
   for one large device); all give the same value.
 
   batch: {'image' f32 [B, H, W, 3], 'text' i32 [B, L], optional 'weight' f32 [B]} global arrays
-  sharded by `batch_sharding`. metrics: replicated scalars loss, lr, t, b, grad_norm,
-  param_norm, pos_logit, neg_logit.
+  sharded by `batch_sharding`. metrics: replicated scalars loss, lr (the one applied), t, b,
+  grad_norm, param_norm (of the updated parameters, rejected or not), pos_logit, neg_logit,
+  nonfinite (int32 0/1: this step's loss, gradients or updated parameters hold NaN/Inf) and
+  nonfinite_steps (the running count, as in the returned state).
+
+  nonfinite: 'stop' applies every update (the loop stops at a non-finite step before saving
+  anything); 'skip' keeps the parameters and optimizer state of a non-finite step as they were,
+  bit for bit (the step counter still advances, so the batch is consumed). Both are one
+  compiled function with the same output shapes: the choice is a select on a scalar flag.
   """
+  if nonfinite not in NONFINITE_POLICIES:
+    raise ValueError(f"config.nonfinite={nonfinite!r}; use one of {NONFINITE_POLICIES}.")
   if loss_name not in LOSS_NAMES:
     raise ValueError(f"config.loss={loss_name!r}; use one of {LOSS_NAMES}.")
   if loss_impl not in ("full", "ring", "chunked"):
@@ -101,9 +120,24 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_name: str, *,
     (loss, (metrics, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, lr=schedule(state.step), t=extras["t"], b=extras["b"],
-                   grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
+    # A NaN/Inf anywhere in the gradients or the new parameters makes its global norm
+    # non-finite, so three scalars cover every leaf. The parameters are checked too: a finite
+    # but huge update can overflow them, and the next checkpoint would hold them.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+    if nonfinite == "skip":
+      keep_old = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+      params = jax.tree.map(keep_old, params, state.params)
+      opt_state = jax.tree.map(keep_old, opt_state, state.opt_state)
+    bad = jnp.logical_not(finite).astype(jnp.int32)
+    count = state.nonfinite_steps + bad
+    # optax counts applied updates only, so after skipped steps its schedule lags the step.
+    lr = schedule(state.step - state.nonfinite_steps)
+    metrics = dict(metrics, loss=loss, lr=lr, t=extras["t"], b=extras["b"],
+                   grad_norm=grad_norm, param_norm=param_norm, nonfinite=bad,
+                   nonfinite_steps=count)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         nonfinite_steps=count), metrics
 
   replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
   return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
