@@ -122,6 +122,10 @@ def _check_train_config(config) -> None:
   schedule = versions.parse_schedule(config.data_version)
   if any(v != "baseline" for v, _ in schedule):
     _check_balance_config(config)
+  from siglip_fair.train.state import NONFINITE_POLICIES
+  if config.get("nonfinite", "stop") not in NONFINITE_POLICIES:
+    raise ValueError(f"config.nonfinite={config.nonfinite!r}; use one of {NONFINITE_POLICIES} "
+                     "(stop at a non-finite loss or gradient, or skip that step's update).")
   loss = config.get("loss", "sigmoid")
   if loss not in LOSS_NAMES:  # read by train/state.py, which would say so only after the data
     raise ValueError(f"config.loss={loss!r} is not a loss; use one of {LOSS_NAMES}.")

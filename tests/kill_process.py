@@ -32,29 +32,23 @@ REPO = os.path.dirname(HERE)
 sys.path[:0] = [REPO, HERE, os.path.join(REPO, "launch")]
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
+from test_train import WrappedIterator  # noqa: E402  (imports jax; starts no backend)
+
 CKPT_EVERY = 2
 
 
-class RecordingIterator:
+class RecordingIterator(WrappedIterator):
   """Wraps an iterator and logs the position and example ids of every batch it hands out."""
 
   def __init__(self, it, path):
-    self._it, self._path, self._position = it, path, 0
+    super().__init__(it)
+    self._path = path
 
-  def __next__(self):
-    batch = next(self._it)
+  def on_batch(self, batch, position):
     with open(self._path, "a") as f:
-      f.write(json.dumps([self._position, batch["label"].tolist(),
+      f.write(json.dumps([position, batch["label"].tolist(),
                           float(batch["image"].sum())]) + "\n")
-    self._position += 1
     return batch
-
-  def get_state(self):
-    return {"inner": self._it.get_state(), "position": self._position}
-
-  def set_state(self, state):
-    self._it.set_state(state["inner"])
-    self._position = state["position"]
 
 
 def train(workdir, total):

@@ -122,6 +122,8 @@ CASES = [
          "cannot read duration '10xx'", "use steps (300), examples ('5000ex')"),
     Case("unknown_loss", "train --config.loss=hinge",
          "config.loss='hinge' is not a loss", "('sigmoid', 'softmax')"),
+    Case("unknown_nonfinite_policy", "train --config.nonfinite=ignore",
+         "config.nonfinite='ignore'", "use one of ('stop', 'skip')"),
     Case("unknown_model_variant", "train --config.model.image.variant=XL/16",
          "model variant 'XL/16' is not known", "(e.g. 'B/16', 'mu/4')"),
     Case("unknown_evaluator_type", "train --config.evals.zeroshot.type=zeroshoot",
@@ -280,6 +282,10 @@ def test_malformed_duration(run):
 
 def test_unknown_loss(run):
   _clear("unknown_loss", run("train", "--config.loss=hinge"))
+
+
+def test_unknown_nonfinite_policy(run):
+  _clear("unknown_nonfinite_policy", run("train", "--config.nonfinite=ignore"))
 
 
 def test_unknown_model_variant(run):

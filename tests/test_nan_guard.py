@@ -14,31 +14,23 @@ from siglip_fair.train.optim import make_optimizer
 from siglip_fair.train.progress import read_metrics
 from siglip_fair.train.sharding import batch_sharding, global_batch, make_mesh, state_shardings
 from siglip_fair.train.state import make_init_fn, make_train_step
-from test_train import _BACKEND_COMPILE_EVENT, _config, _train_iter
+from test_train import _BACKEND_COMPILE_EVENT, WrappedIterator, _config, _train_iter
 
 BAD_STEP = 7  # the step that reads the poisoned batch
 
 
-class PoisonedIterator:
+class PoisonedIterator(WrappedIterator):
   """The toy iterator of test_train.py, with +inf in the images of the batch read at `bad_step`
   (the loop peeks at one batch and rewinds, so positions count from the start)."""
 
   def __init__(self, bad_step=BAD_STEP):
-    self._it, self._position, self._bad = _train_iter(), 0, bad_step
+    super().__init__(_train_iter())
+    self._bad = bad_step
 
-  def __next__(self):
-    batch = next(self._it)
-    self._position += 1
-    if self._position == self._bad:
+  def on_batch(self, batch, position):
+    if position + 1 == self._bad:
       batch = dict(batch, image=np.full_like(batch["image"], np.inf))
     return batch
-
-  def get_state(self):
-    return {"inner": self._it.get_state(), "position": self._position}
-
-  def set_state(self, state):
-    self._it.set_state(state["inner"])
-    self._position = state["position"]
 
 
 def test_skip_policy_keeps_state_bit_for_bit_in_one_compilation():
