@@ -32,7 +32,7 @@ REPO = os.path.dirname(HERE)
 sys.path[:0] = [REPO, HERE, os.path.join(REPO, "launch")]
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
-from test_train import WrappedIterator  # noqa: E402  (imports jax; starts no backend)
+from wrapped_iterator import WrappedIterator  # noqa: E402
 
 CKPT_EVERY = 2
 

@@ -14,7 +14,8 @@ from siglip_fair.train.optim import make_optimizer
 from siglip_fair.train.progress import read_metrics
 from siglip_fair.train.sharding import batch_sharding, global_batch, make_mesh, state_shardings
 from siglip_fair.train.state import make_init_fn, make_train_step
-from test_train import _BACKEND_COMPILE_EVENT, WrappedIterator, _config, _train_iter
+from test_train import _BACKEND_COMPILE_EVENT, _config, _train_iter
+from wrapped_iterator import WrappedIterator
 
 BAD_STEP = 7  # the step that reads the poisoned batch
 
