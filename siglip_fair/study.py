@@ -326,9 +326,10 @@ def train_and_evaluate(config, workdir: str, *, data: Data | None = None,
   final = ev.run_all(make_evaluators(config, data, model, bootstrap=True), state.params)
   final["step"] = int(jax.device_get(state.step))
   if jax.process_index() == 0:
-    atomic_write(os.path.join(workdir, "eval.json"), json.dumps(final, indent=1))
+    # eval.json marks the run finished (launchers skip it), so it is written last.
     atomic_write(os.path.join(workdir, "eval_rows.json"),
                  json.dumps(ev.as_rows(final), indent=1))
+    atomic_write(os.path.join(workdir, "eval.json"), json.dumps(final, indent=1))
   return final
 
 
