@@ -71,7 +71,7 @@ def _exact_wilcoxon_p(d):
 
 def test_results_table_means_and_paired_wilcoxon(tmp_path):
   rng = np.random.default_rng(0)
-  base = dict(scale="local", model="mu/8", width=64, embed=64, examples="153600ex",
+  base = dict(scale="local", model="mu/8", width=64, embed=64, examples="115200ex",
               loss="sigmoid")
   rb = {}
   for seed in range(5):
