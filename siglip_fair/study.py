@@ -304,9 +304,6 @@ def train_and_evaluate(config, workdir: str, *, data: Data | None = None,
   from siglip_fair.models.two_tower import make_model
   from siglip_fair.train import loop
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    # The run's settings next to its results (`results` groups runs by config.study).
-    atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
   data = data or prepare_data(config, workdir)
   num_examples = len(data.sources["train"])
   # Durations in epochs count baseline-sized epochs for every version: runs on balanced data
@@ -320,6 +317,10 @@ def train_and_evaluate(config, workdir: str, *, data: Data | None = None,
                 else versions.ScheduledIterator(iterators, schedule))
   model = make_model(config.model)
   curve_evals = make_evaluators(config, data, model, bootstrap=False)
+  if jax.process_index() == 0:
+    # The run's settings next to its results (`results` groups runs by config.study), once
+    # data, balancing and evaluators accepted them.
+    atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
   state = loop.train(config, workdir, train_iter=train_iter,
                      evaluate_fn=lambda params, step: ev.run_all(curve_evals, params),
                      num_examples=num_examples, stop_after=stop_after)

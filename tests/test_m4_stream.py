@@ -10,10 +10,10 @@ import jax
 import numpy as np
 import pytest
 
+from compiles import count_compiles
 from siglip_fair.balance import card as cardlib
 from siglip_fair.balance import m4, qp, shards, stream
 
-_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 def _config(**optim):
@@ -59,7 +59,7 @@ def test_sampled_solve_with_polish_matches_exact_qp():
   result = stream.balance_stream(ann, cfg, jax.random.key(0))
   exact = qp.solve_qp(ann, cfg)
   assert exact["status"] == "optimal"
-  assert result.card["solved_on"] == {"sample": 3000, "n": 12000}
+  assert result.card["solved_on"].items() >= {"sample": 3000, "n": 12000}.items()
   ours = qp.objective(result.q, ann["u"], cfg.eta)
   assert abs(ours - exact["objective"]) <= 0.01 * abs(exact["objective"])
   moments = m4.constraint_moments(result.q, ann, exact["pi"])
@@ -207,18 +207,12 @@ def test_chunk_functions_compile_once_across_shard_sizes(tmp_path):
   cfg.pi = tuple(float(x) for x in pi)
   stream.balance_stream(ann, cfg, jax.random.key(0))  # warm the caches
   paths = shards.write_shards(ann, tmp_path, 7)  # uneven shards: padded last chunks
-  compiles = []
-  listener = lambda event, *_, **__: compiles.append(event)  # noqa: E731
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    # Same dtypes as the uint8 shards, so only the first layout may compile anything.
+  # Same dtypes as the uint8 shards, so only the first layout may compile anything.
+  with count_compiles() as compiles:
     stream.balance_stream(paths, cfg, jax.random.key(0))
-    first = sum(e == _COMPILE_EVENT for e in compiles)
-    compiles.clear()
+  with count_compiles() as again:
     stream.balance_stream(shards.write_shards(ann, tmp_path / "b", 3), cfg, jax.random.key(0))
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-  assert sum(e == _COMPILE_EVENT for e in compiles) == 0, first
+  assert not again, len(compiles)
 
 
 def distributed_config():
@@ -233,7 +227,7 @@ def test_solver_result_does_not_depend_on_the_device_count(num_devices):
   ann, _ = _instance(seed=4, n=7000)
   cfg = distributed_config()
   everywhere = stream.balance_stream(ann, cfg, jax.random.key(5))  # 8 fake CPU devices
-  assert everywhere.card["solved_on"] == {"sample": 3000, "n": 7000}
+  assert everywhere.card["solved_on"].items() >= {"sample": 3000, "n": 7000}.items()
   fewer = stream.balance_stream(ann, cfg, jax.random.key(5), devices=jax.devices()[:num_devices])
   np.testing.assert_allclose(fewer.q, everywhere.q, atol=1e-5)
   assert fewer.card["dual_steps"] == everywhere.card["dual_steps"]

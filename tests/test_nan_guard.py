@@ -14,7 +14,8 @@ from siglip_fair.train.optim import make_optimizer
 from siglip_fair.train.progress import read_metrics
 from siglip_fair.train.sharding import batch_sharding, global_batch, make_mesh, state_shardings
 from siglip_fair.train.state import make_init_fn, make_train_step
-from test_train import _BACKEND_COMPILE_EVENT, _config, _train_iter
+from compiles import count_compiles
+from test_train import _config, _train_iter
 from wrapped_iterator import WrappedIterator
 
 BAD_STEP = 7  # the step that reads the poisoned batch
@@ -47,18 +48,13 @@ def test_skip_policy_keeps_state_bit_for_bit_in_one_compilation():
   state = jax.device_put(initial, shardings)
   step = make_train_step(model, tx, config.loss, schedule=schedule, state_sharding=shardings,
                          batch_sharding=batch_sharding(mesh), nonfinite="skip")
-  compiles = []
-  listener = lambda event, *_, **__: compiles.append(event)  # noqa: E731
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with count_compiles() as compiles:
     seen = []
     for batch in batches:
       before = jax.device_get(state)
       state, metrics = step(state, global_batch(batch, mesh))
       seen.append((before, jax.device_get(state), jax.device_get(metrics)))
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-  assert compiles.count(_BACKEND_COMPILE_EVENT) == 1  # a count of XLA compilations
+  assert len(compiles) == 1  # a count of XLA compilations
   assert [int(m["nonfinite"]) for _, _, m in seen] == [0, 1, 0]
   assert [int(m["nonfinite_steps"]) for _, _, m in seen] == [0, 1, 1]
   assert not np.isfinite(seen[1][2]["loss"])

@@ -51,21 +51,6 @@ def test_train_and_evaluate_learns_zero_shot(trained):
   assert records[-1]["loss"] < records[0]["loss"]
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(data_dir, tmp_path):
-  cfg = small_config(data_dir, "steps=20,variant=mu/8,batch=32,depth=1")
-  cfg.ckpt_every, cfg.log_every = "5", "1"
-  whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
-  expected = study.train_and_evaluate(cfg, whole)
-  study.train_and_evaluate(cfg, parts, stop_after=8)  # "killed" after step 8
-  resumed = study.train_and_evaluate(cfg, parts)
-  assert resumed == expected
-
-  def losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      return [(r["step"], r["loss"]) for r in map(json.loads, f)]
-  assert losses(parts) == losses(whole)
-
-
 def test_balanced_version_trains_only_on_kept_examples(data_dir, tmp_path):
   cfg = small_config(data_dir, "steps=4,variant=mu/8,batch=32,depth=1,data=balanced")
   cfg.balance.pi, cfg.balance.eta = (0.5, 0.5), 0.7

@@ -157,7 +157,10 @@ def data_card_from_sums(sums: dict, *, pi, eps: dict, duals: dict, config, info:
       mu=float(duals["mu"]),
       dual_steps=dict(stochastic=int(info["stochastic_steps"]), refine=int(info["refine_steps"]),
                       polish=int(info.get("polish_steps", 0))),
-      solved_on=dict(sample=int(info.get("sample", n)), n=n),
+      solved_on=dict(sample=int(info.get("sample", n)), n=n,
+                     # distinct (weighted) rows of the exact phases, see merge.py
+                     exact_rows=int(info.get("exact_rows", info.get("sample", n))),
+                     polish_rows=int(info.get("polish_rows", 0))),
       seconds={k: round(float(v), 3) for k, v in info.get("seconds", {}).items()},
       curvature=float(info["curvature"]),
       settings=dict(eta=float(config.eta), eps_rep=float(config.eps_rep),

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from siglip_fair.balance import merge
 from siglip_fair.balance.m4 import Consts, DualState, Examples, b_dot, moment_sums, primal_q
 
 AXIS = "data"
@@ -36,14 +37,16 @@ class Layout:
   rows: int    # padded rows per block (a multiple of batch)
   batch: int   # rows per block per step
   n: int       # real rows
+  total: int   # examples they stand for (their summed weights; n when unweighted)
 
   @property
   def steps(self) -> int:
     return self.rows // self.batch
 
 
-def make_layout(n: int, config, devices=None) -> Layout:
-  """The block layout for n rows under config.optim (blocks, batch_size) on `devices`."""
+def make_layout(n: int, config, devices=None, total: int | None = None) -> Layout:
+  """The block layout for n rows under config.optim (blocks, batch_size) on `devices`;
+  total: the examples the rows stand for when they are weighted (`merge.merge_identical`)."""
   o = config.optim
   blocks = int(o.blocks)
   devices = list(devices if devices is not None else jax.devices())
@@ -59,11 +62,12 @@ def make_layout(n: int, config, devices=None) -> Layout:
   batch = max(1, -(-min(o.batch_size, n) // blocks))
   per_block = -(-n // blocks)
   rows = -(-per_block // batch) * batch
-  return Layout(mesh, blocks, rows, batch, n)
+  return Layout(mesh, blocks, rows, batch, n, n if total is None else int(total))
 
 
-def to_blocks(ex: Examples, layout: Layout) -> tuple[Examples, jax.Array]:
-  """Host Examples [n, ...] -> global arrays [V, rows, ...] sharded over the mesh, and mask.
+def to_blocks(ex: Examples, layout: Layout, weights=None) -> tuple[Examples, jax.Array]:
+  """Host Examples [n, ...] -> global arrays [V, rows, ...] sharded over the mesh, and mask
+  (1 per real row, or its weight [n]; 0 for padding).
 
   Every process passes the same host rows; each device receives only its blocks.
   """
@@ -79,7 +83,7 @@ def to_blocks(ex: Examples, layout: Layout) -> tuple[Examples, jax.Array]:
     host = host.astype(np.float32)
     return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
 
-  return jax.tree.map(place, ex), place(np.ones(n, np.float32))
+  return jax.tree.map(place, ex), place(np.ones(n, np.float32) if weights is None else weights)
 
 
 def _flat(x):  # [blocks, rows, ...] -> [blocks * rows, ...] (explicit: -1 fails on 0-width)
@@ -160,7 +164,7 @@ def jacobi(ex: Examples, mask, pi, *, layout: Layout) -> dict:
     m, c, p = ex.s.shape[-1], ex.y.shape[-1], ex.w.shape[-1]
     zeros = dict(rep=jnp.zeros(m), assoc=jnp.zeros((m, c)), proxy=jnp.zeros((m, p)))
     second = _sweep(fn, ex, mask, layout.batch, zeros)
-    return jax.tree.map(lambda x: jnp.where(x > 0, layout.n / jnp.where(x > 0, x, 1.0), 0.0),
+    return jax.tree.map(lambda x: jnp.where(x > 0, layout.total / jnp.where(x > 0, x, 1.0), 0.0),
                         second)
   return _run(layout, local, (ex, mask), (pi,))
 
@@ -181,7 +185,7 @@ def curvature(ex: Examples, mask, consts: Consts, *, layout: Layout, iters: int)
         r = (x[1] + b_dot(lam, d, batch.y, batch.w)) * m
         return moment_sums(r, d, batch.y, batch.w), jnp.sum(r)
       g, gmu = _sweep(fn, ex, mask, layout.batch, _zeros(consts))
-      return jax.tree.map(lambda a, b: a * b / layout.n, sq, g), gmu / layout.n
+      return jax.tree.map(lambda a, b: a * b / layout.total, sq, g), gmu / layout.total
 
     norm = lambda x: jnp.sqrt(sum(jnp.sum(leaf ** 2) for leaf in jax.tree.leaves(x)))
     x = jax.lax.fori_loop(0, iters, lambda _, x: jax.tree.map(lambda a: a / norm(x), gram(x)),
@@ -268,7 +272,7 @@ def fista(grad_fn, lam, mu, consts: Consts, lr, steps: int, traced: bool = True)
 def refine(lam, mu, ex: Examples, mask, consts: Consts, lr, *, layout: Layout, steps: int):
   """`fista` on exact gradients over all the solver's rows (one pass per step)."""
   def local(ex, mask, lam, mu, consts, lr):
-    grad = lambda lam, mu: _full_gradient(lam, mu, ex, mask, consts, layout.batch, layout.n)
+    grad = lambda lam, mu: _full_gradient(lam, mu, ex, mask, consts, layout.batch, layout.total)
     return fista(grad, lam, mu, consts, lr, steps)
   return _run(layout, local, (ex, mask), (lam, mu, consts, lr))
 
@@ -283,10 +287,11 @@ def solve(ex: Examples, pi, eps: dict, config, init: dict | None = None, devices
   o = config.optim
   layout = make_layout(len(ex.u), config, devices)
   bex, mask = to_blocks(ex, layout)
+  exact = _exact_rows(ex, config, devices)
   consts = Consts(jnp.asarray(pi), jnp.float32(config.eta), jax.tree.map(jnp.asarray, eps),
                   None, jnp.float32(config.V))
-  consts = consts._replace(precond=jacobi(bex, mask, consts.pi, layout=layout))
-  lipschitz = curvature(bex, mask, consts, layout=layout, iters=o.power_iters)
+  consts = consts._replace(precond=jacobi(*exact[1:], consts.pi, layout=exact[0]))
+  lipschitz = curvature(*exact[1:], consts, layout=exact[0], iters=o.power_iters)
   # Power iteration approaches λ_max from below; the margin keeps steps under 1 / L.
   unit = 1.0 / (1.1 * float(lipschitz))
   if init is None:
@@ -305,10 +310,11 @@ def solve(ex: Examples, pi, eps: dict, config, init: dict | None = None, devices
                               epochs=epochs)
     lam, mu, taken = jax.tree.map(lambda v: v[0] - v[1], state.v_avg), state.mu_avg, state.step
   if o.refine_steps:
-    lam, mu = refine(lam, mu, bex, mask, consts, jnp.float32(unit), layout=layout,
+    lam, mu = refine(lam, mu, *exact[1:], consts, jnp.float32(unit), layout=exact[0],
                      steps=o.refine_steps)
   info = dict(stochastic_steps=int(taken), epochs=epochs, refine_steps=o.refine_steps,
-              curvature=float(lipschitz), devices=layout.mesh.size, blocks=layout.blocks)
+              curvature=float(lipschitz), devices=layout.mesh.size, blocks=layout.blocks,
+              exact_rows=exact[0].n)
   return jax.tree.map(np.asarray, lam), float(mu), consts, float(unit), info
 
 
@@ -317,9 +323,20 @@ def polish(ex: Examples, lam, mu, consts: Consts, unit: float, config, steps: in
   """`steps` FISTA steps from (λ, µ) on exact gradients over host rows `ex` (a larger sample
   than the solve's, or all rows); the preconditioner and step come from the solve. The step
   is shrunk by 1.25, since the curvature was bounded on the smaller sample."""
-  layout = make_layout(len(ex.u), config, devices)
-  bex, mask = to_blocks(ex, layout)
+  layout, bex, mask = _exact_rows(ex, config, devices)
   lam = jax.tree.map(jnp.asarray, lam)
   lam, mu = refine(lam, jnp.float32(mu), bex, mask, consts, jnp.float32(unit / 1.25),
                    layout=layout, steps=steps)
-  return jax.tree.map(np.asarray, lam), float(mu)
+  return jax.tree.map(np.asarray, lam), float(mu), layout.n
+
+
+def _exact_rows(ex: Examples, config, devices):
+  """(layout, blocks, mask) for the exact phases, with identical rows merged into weighted
+  ones (`merge.py`) when that pays and optim.merge_identical is on."""
+  merged = merge.merge_identical(ex) if config.optim.get("merge_identical", True) else None
+  if merged is None:
+    layout = make_layout(len(ex.u), config, devices)
+    return (layout, *to_blocks(ex, layout))
+  rows, weights = merged
+  layout = make_layout(len(rows.u), config, devices, total=len(ex.u))
+  return (layout, *to_blocks(rows, layout, weights))

@@ -376,9 +376,10 @@ def balance_stream(source, config, key: jax.Array, *, names: dict | None = None,
     # Duals fitted to a sample also fit its noise, which costs objective on the full data
     # (~1 % at 2^16 rows); exact steps on the 8x larger polish sample (all rows up to
     # polish_size) remove most of it.
-    lam, mu = dual.polish(large, lam, mu, consts, unit, config, o.polish_steps, devices)
+    lam, mu, distinct = dual.polish(large, lam, mu, consts, unit, config, o.polish_steps,
+                                    devices)
     lap("polish")
-    info["polish_steps"] = int(o.polish_steps)
+    info.update(polish_steps=int(o.polish_steps), polish_rows=int(distinct))
   rows = plan.rows()
 
   def draws(q):
