@@ -17,17 +17,30 @@ MIN_SAVING = 0.25
 
 
 def _keys(ex: Examples) -> np.ndarray:
-  """One uint64 key row per example [n, K]: binary columns bit-packed, others by their bits."""
+  """One uint64 key row per example [n, K]: 0/1 fields bit-packed, any other by its bits.
+
+  Field by field, in the field's own dtype: the sample is wide (10⁵–10⁶ rows × 100 columns), so
+  one float copy of it costs more than the sort.
+  """
   n = len(ex.u)
-  flat = np.concatenate([np.asarray(x, np.float32).reshape(n, -1) for x in ex], axis=1)
-  binary = np.all((flat == 0) | (flat == 1), axis=0)
-  packed = np.packbits(flat[:, binary].astype(np.uint8), axis=1)
-  packed = np.pad(packed, ((0, 0), (0, -packed.shape[1] % 8)))
-  words = np.ascontiguousarray(packed).view(np.uint64)
-  # Non-binary values keyed by their float32 bits: equal bits, equal row (+0 and −0 stay apart,
-  # which only forgoes a merge).
-  other = np.ascontiguousarray(flat[:, ~binary]).view(np.uint32).astype(np.uint64)
-  return np.concatenate([words, other], axis=1)
+  packed, other = [], []
+  for x in ex:
+    x = np.asarray(x).reshape(n, -1)
+    if not x.shape[1]:
+      continue
+    bits = x.astype(np.uint8)
+    if np.array_equal(bits, x) and (bits.size == 0 or bits.max() <= 1):
+      packed.append(np.packbits(bits, axis=1))
+    else:
+      # By the float32 bits: equal bits, equal row (+0 and −0 stay apart: a merge forgone).
+      other.append(np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64))
+  keys = []
+  if packed:
+    packed = np.concatenate(packed, axis=1)
+    packed = np.pad(packed, ((0, 0), (0, -packed.shape[1] % 8)))
+    keys.append(np.ascontiguousarray(packed).view(np.uint64))
+  keys += other
+  return np.concatenate(keys, axis=1) if keys else np.zeros((n, 0), np.uint64)
 
 
 def merge_identical(ex: Examples) -> tuple[Examples, np.ndarray] | None:
