@@ -287,7 +287,7 @@ def solve(ex: Examples, pi, eps: dict, config, init: dict | None = None, devices
   o = config.optim
   layout = make_layout(len(ex.u), config, devices)
   bex, mask = to_blocks(ex, layout)
-  exact = _exact_rows(ex, config, devices)
+  exact = _exact_rows(ex, config, devices, unmerged=(layout, bex, mask))
   consts = Consts(jnp.asarray(pi), jnp.float32(config.eta), jax.tree.map(jnp.asarray, eps),
                   None, jnp.float32(config.V))
   consts = consts._replace(precond=jacobi(*exact[1:], consts.pi, layout=exact[0]))
@@ -330,11 +330,14 @@ def polish(ex: Examples, lam, mu, consts: Consts, unit: float, config, steps: in
   return jax.tree.map(np.asarray, lam), float(mu), layout.n
 
 
-def _exact_rows(ex: Examples, config, devices):
+def _exact_rows(ex: Examples, config, devices, unmerged=None):
   """(layout, blocks, mask) for the exact phases, with identical rows merged into weighted
-  ones (`merge.py`) when that pays and optim.merge_identical is on."""
+  ones (`merge.py`) when that pays and optim.merge_identical is on; else `unmerged` (the
+  caller's blocks of `ex`, reused rather than placed twice) or `ex` placed as it is."""
   merged = merge.merge_identical(ex) if config.optim.get("merge_identical", True) else None
   if merged is None:
+    if unmerged is not None:
+      return unmerged
     layout = make_layout(len(ex.u), config, devices)
     return (layout, *to_blocks(ex, layout))
   rows, weights = merged
