@@ -104,7 +104,8 @@ def qp_ladder(c, p, budget, max_n):
   """Exact QP on N = 5k, 10k, 20k, ... until a solve takes > budget s; M4 at each N."""
   rows, n = [], 5000
   while n <= max_n:
-    ann = {k: v.astype(np.float32) for k, v in make_annotations(n, c, p, seed=7).items()}
+    raw = make_annotations(n, c, p, seed=7)  # M4 reads uint8, as from the shards above
+    ann = {k: v.astype(np.float32) for k, v in raw.items()}
     cfg = config()
     start = time.perf_counter()
     exact = qp.solve_qp(ann, cfg)
@@ -112,8 +113,8 @@ def qp_ladder(c, p, budget, max_n):
     if exact["q"] is None:
       print(f"QP at N={n}: {exact['status']}", flush=True)
       break
-    _, t_cold = run_m4(ann, cfg)  # includes compiling for this N's shapes
-    result, t_m4 = run_m4(ann, cfg)
+    _, t_cold = run_m4(raw, cfg)  # includes compiling for this N's shapes
+    result, t_m4 = run_m4(raw, cfg)
     row = dict(n=n, qp_s=t_qp, m4_s=t_m4, m4_cold_s=t_cold, speedup=t_qp / t_m4,
                qp_objective=exact["objective"],
                m4_objective=qp.objective(result.q, ann["u"], cfg.eta),

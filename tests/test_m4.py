@@ -216,3 +216,16 @@ def test_bad_annotations_are_a_clear_error(change, field):
   ann, _ = qp.random_instance(9, 50, 2, 3)
   with pytest.raises(ValueError, match=f"'{field}'"):
     _balance(change(ann))
+
+
+def test_shuffles_are_per_block_permutations_seeded_by_epoch():
+  cfg = m4.default_config()
+  cfg.optim.batch_size = 64
+  layout = dual.make_layout(1000, cfg)
+  orders = np.asarray(dual.shuffles(5, 3, layout))
+  assert orders.shape == (3, layout.blocks, layout.rows)
+  assert all(np.array_equal(np.sort(o), np.arange(layout.rows)) for o in orders.reshape(
+      -1, layout.rows))
+  assert not np.array_equal(orders[0], orders[1])  # a new order every epoch
+  # The first two epochs of a longer run are the same draws: seeded by (seed, epoch) alone.
+  np.testing.assert_array_equal(np.asarray(dual.shuffles(5, 2, layout)), orders[:2])

@@ -35,6 +35,19 @@ def test_counts_equal_a_brute_force_tally_and_padding_weighs_nothing():
   assert k <= len(weights) < k * 1.125 + 1
 
 
+def test_hash_collisions_fall_back_to_sorting_the_keys(monkeypatch):
+  # Every row hashing alike is the worst case: runs must still be one per distinct row.
+  ex = _examples(3000, seed=4)
+  expected = merge.merge_identical(ex)
+  monkeypatch.setattr(merge, "_hash", lambda keys: np.zeros(len(keys), np.uint64))
+  rows, weights = merge.merge_identical(ex)
+  key = lambda r, i: tuple(np.concatenate([np.ravel(x[i]) for x in r]))
+  got = collections.Counter({key(rows, i): weights[i] for i in np.flatnonzero(weights)})
+  want = collections.Counter({key(expected[0], i): expected[1][i]
+                              for i in np.flatnonzero(expected[1])})
+  assert got == want and len(weights) == len(expected[1])
+
+
 def test_distinct_rows_are_not_merged():
   # A continuous utility makes every row distinct: nothing to gain, so no merge.
   assert merge.merge_identical(_examples(2000, seed=1, utility=True)) is None

@@ -151,8 +151,9 @@ def bias_vectors(s, known, y, w, pi) -> dict:
 
 def b_dot(lam: dict, d, y, w):
   """bᵀλ per example without forming b: [B]. lam: constraint tree; d [B, m]."""
-  return (d @ lam["rep"] + jnp.sum((d @ lam["assoc"]) * y, axis=-1)
-          + jnp.sum((d @ lam["proxy"]) * w, axis=-1))
+  # [B, c] @ [c, m] first: the [B, c] product d @ λ would cost a pass over a [B, c] temporary.
+  return (d @ lam["rep"] + jnp.sum(d * (y @ lam["assoc"].T), axis=-1)
+          + jnp.sum(d * (w @ lam["proxy"].T), axis=-1))
 
 
 def moment_sums(q, d, y, w) -> dict:
