@@ -151,6 +151,20 @@ def test_shard_io(tmp_path):
     shards.NpzShard(tmp_path / "bad.npz")
 
 
+def test_npz_shards_are_mapped_when_stored_and_loaded_when_compressed(tmp_path):
+  ann, _ = _instance(n=500)
+  ann["w"] = np.asfortranarray(ann["w"])  # a Fortran-order member maps too
+  np.savez(tmp_path / "plain.npz", **ann)
+  np.savez_compressed(tmp_path / "small.npz", **ann)
+  plain, small = shards.NpzShard(tmp_path / "plain.npz"), shards.NpzShard(tmp_path / "small.npz")
+  assert all(isinstance(v, np.memmap) for v in shards._stored_views(plain.path).values())
+  assert shards._stored_views(small.path) is None
+  for shard in (plain, small):
+    got = shard.read(0, len(shard))
+    for k in shards.FIELDS:
+      np.testing.assert_array_equal(got[k], ann[k])
+
+
 def _write_parquet(ann, path, rows, row_group_size):
   """Writes rows of `ann` with pyarrow itself: [n, k] fields as fixed-size list columns."""
   import pyarrow as pa

@@ -80,7 +80,10 @@ def to_blocks(ex: Examples, layout: Layout, weights=None) -> tuple[Examples, jax
 
   def place(x):
     # np.take: fancy indexing of a 2-D array is several times slower in numpy.
-    host = np.take(np.asarray(x), index.ravel(), axis=0).astype(np.float32)
+    x = np.asarray(x)
+    # uint8 / bool fields (0/1 multi-hot) stay uint8 on the device: 4x less memory per pass.
+    dtype = np.uint8 if x.dtype in (np.uint8, np.bool_) else np.float32
+    host = np.take(x, index.ravel(), axis=0).astype(dtype)
     host = host.reshape(index.shape + host.shape[1:])
     host[~real] = 0
     return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])

@@ -18,6 +18,7 @@ Kinds of shard:
 from __future__ import annotations
 
 import os
+import struct
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
@@ -71,6 +72,51 @@ def _npz_headers(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
           shape, dtype = array.shape, array.dtype
       headers[name[:-4]] = (shape, dtype)
   return headers
+
+
+def _read_header(f):
+  """(shape, fortran_order, dtype) of the .npy whose magic starts at f's position, or None
+  for header versions other than 1.0 / 2.0."""
+  version = np.lib.format.read_magic(f)
+  if version == (1, 0):
+    return np.lib.format.read_array_header_1_0(f)
+  if version == (2, 0):
+    return np.lib.format.read_array_header_2_0(f)
+  return None
+
+
+def _stored_views(path: str) -> dict[str, np.ndarray] | None:
+  """Read-only memory maps of the annotation arrays of an uncompressed .npz (what
+  `np.savez` writes), or None when a member is compressed or unusual (then `np.load`).
+
+  Mapping skips the copy through zipfile and its CRC pass, most of the cost of a pass over
+  binary annotations; values are still checked by M4's totals pass.
+  """
+  views = {}
+  with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+    for info in z.infolist():
+      name = info.filename[:-4] if info.filename.endswith(".npy") else None
+      if name not in FIELDS:
+        continue
+      if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:  # compressed, encrypted
+        return None
+      f.seek(info.header_offset)
+      local = f.read(30)
+      if len(local) < 30 or local[:4] != b"PK\x03\x04":
+        return None
+      name_len, extra_len = struct.unpack("<HH", local[26:30])
+      start = info.header_offset + 30 + name_len + extra_len
+      f.seek(start)
+      header = _read_header(f)
+      if header is None:
+        return None
+      shape, fortran, dtype = header
+      offset = f.tell()
+      if dtype.hasobject or offset - start + dtype.itemsize * int(np.prod(shape)) > info.file_size:
+        return None
+      views[name] = (np.memmap(path, dtype, "r", offset, shape, "F" if fortran else "C")
+                     if int(np.prod(shape)) else np.zeros(shape, dtype))
+  return views
 
 
 # The shape each field must have, N rows like 's' [N, m] (docs/ARCHITECTURE.md).
@@ -129,8 +175,10 @@ class NpzShard:
     return self._n
 
   def load(self) -> dict[str, np.ndarray]:
-    with np.load(self.path, allow_pickle=False) as f:
-      arrays = {k: f[k] for k in f.files if k in FIELDS}
+    arrays = _stored_views(self.path)
+    if arrays is None:
+      with np.load(self.path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files if k in FIELDS}
     for name, x in arrays.items():
       if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
         bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)

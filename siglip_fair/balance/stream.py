@@ -185,20 +185,36 @@ def totals_pass(plan: Plan, config, chunk, idx, progress=False):
   multi-hot stays 4x smaller than float32), both over all processes (each process reads its
   shards; sample rows are gathered in global order)."""
   acc, parts, index = None, [], []
-  for offset, _, rows, ex, mask in _walk(plan, chunk, config, "M4 totals", progress):
-    sums, checks = jax.device_get(_totals(ex, mask))
+
+  def dispatched():
+    for offset, _, rows, ex, mask in _walk(plan, chunk, config, "M4 totals", progress):
+      take = (np.arange(rows) if idx is None else
+              idx[np.searchsorted(idx, offset):np.searchsorted(idx, offset + rows)] - offset)
+      parts.append(jax.tree.map(lambda x: _take(x, take), solver_view(ex, config)))
+      index.append(offset + take)
+      yield _totals(ex, mask), offset
+
+  for (sums, checks), offset in _overlapped(dispatched()):
     shard = int(np.searchsorted(plan.offsets, offset, side="right")) - 1
     for name, (lo, hi, bad) in checks.items():
       _check(name, float(lo), float(hi), int(bad), f"shard {shard}, rows from {offset}")
     acc = _add(acc, sums)
-    take = (np.arange(rows) if idx is None else
-            idx[np.searchsorted(idx, offset):np.searchsorted(idx, offset + rows)] - offset)
-    parts.append(jax.tree.map(lambda x: _take(x, take), solver_view(ex, config)))
-    index.append(offset + take)
   sample = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
   m = sample.s.shape[1]
   sample = sample._replace(known=np.broadcast_to(sample.known, (len(sample.s), m)).copy())
   return _allsum(acc), _gather_rows(sample, np.concatenate(index))
+
+
+def _overlapped(results):
+  """(host value, tag) for each (device value, tag), fetched one step late: the next chunk is
+  read and dispatched while the device still works on this one."""
+  pending = None
+  for item in results:
+    if pending is not None:
+      yield jax.device_get(pending[0]), pending[1]
+    pending = item
+  if pending is not None:
+    yield jax.device_get(pending[0]), pending[1]
 
 
 def _take(x, index):
@@ -262,11 +278,10 @@ def budget_shift(z, eta):
 def margins_pass(plan: Plan, config, chunk, lam, pi, progress=False) -> np.ndarray:
   """η + u − bᵀλ of this process's rows [n_local]."""
   lam = jax.tree.map(jnp.asarray, lam)
-  out = []
-  for _, _, rows, ex, _ in _walk(plan, chunk, config, "M4 margins", progress):
-    out.append(np.asarray(_margins(lam, solver_view(ex, config), pi,
-                                   jnp.float32(config.eta)))[:rows])
-  return np.concatenate(out)
+  eta = jnp.float32(config.eta)
+  dispatched = ((_margins(lam, solver_view(ex, config), pi, eta), rows)
+                for _, _, rows, ex, _ in _walk(plan, chunk, config, "M4 margins", progress))
+  return np.concatenate([z[:rows] for z, rows in _overlapped(dispatched)])
 
 
 @jax.jit
@@ -356,10 +371,14 @@ def card_pass(plan: Plan, config, chunk, q, keep, progress=False) -> dict:
   """Pass 3: the data card's float64 sums (`card.card_sums`) over all processes' rows.
 
   q, keep: this process's rows, in its reading order."""
+  def dispatched():
+    for _, local, rows, ex, mask in _walk(plan, chunk, config, "M4 card", progress):
+      pad = lambda x: np.pad(np.asarray(x[local:local + rows], np.float32), (0, chunk - rows))
+      yield _card_sums(ex, pad(q), pad(keep), mask), None
+
   acc = None
-  for _, local, rows, ex, mask in _walk(plan, chunk, config, "M4 card", progress):
-    pad = lambda x: np.pad(np.asarray(x[local:local + rows], np.float32), (0, chunk - rows))
-    acc = _add(acc, _card_sums(ex, pad(q), pad(keep), mask))
+  for sums, _ in _overlapped(dispatched()):
+    acc = _add(acc, sums)
   return _allsum(acc)
 
 
