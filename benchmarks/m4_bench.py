@@ -154,7 +154,8 @@ def main():
     lam = jax_free_lambda(result.duals)
     numpy_pass(big, lam)  # page cache warm for both
     t_np = numpy_pass(big, lam)
-    out.update(m4_seconds=t_m4, m4_cold_seconds=t_cold, numpy_pass_seconds=t_np, m4_over_numpy_pass=t_m4 / t_np,
+    out.update(m4_seconds=t_m4, m4_cold_seconds=t_cold, numpy_pass_seconds=t_np,
+               m4_over_numpy_pass=t_m4 / t_np,
                verdict=card["verdict"], max_residual=card["largest_violation"]["residual"],
                kept=card["kept"]["expected"], kish_ess=card["kish_ess"],
                polish_steps=card["dual_steps"]["polish"], sample=card["solved_on"]["sample"],
