@@ -9,7 +9,8 @@ global index of a row does not depend on how the data are cut into shards.
 Kinds of shard:
   ArrayShard    arrays already in memory (`balance(ann, ...)` uses one);
   NpzShard      an `.npz` file written by `write_shards` / `annotate.save_annotations`; multi-hot
-                fields may be stored as uint8 (4x smaller; M4 casts on the device);
+                fields may be stored as uint8 (4x smaller; M4 casts on the device); stored
+                (uncompressed) members are memory-mapped, compressed ones loaded;
   ParquetShard  a `.parquet` file with one column per field (fixed-size lists for the [n, k]
                 fields, scalars for [n] ones), read one row group at a time;
   RecordShard   a random-access record source (e.g. `tfds.data_source(...)` of the synthetic
@@ -146,8 +147,8 @@ def _check_shapes(path: str, shapes: Mapping[str, tuple[int, ...]]) -> None:
 
 
 class NpzShard:
-  """One .npz annotation file; arrays are loaded on the first `read` of a pass and kept
-  until a read starts at row 0 of another shard (M4 reads shards front to back)."""
+  """One .npz annotation file; arrays are mapped (or loaded) on the first `read` of a pass and
+  kept until a read starts at row 0 of another shard (M4 reads shards front to back)."""
 
   def __init__(self, path: str | os.PathLike):
     self.path = os.fspath(path)
