@@ -238,19 +238,6 @@ def _gather_rows(sample: m4.Examples, index) -> m4.Examples:
   return jax.tree.map(lambda x: flat(x)[order], rows)
 
 
-_PIECE = 4096  # rows per step within a chunk (see _pieces)
-
-
-def _pieces(tree):
-  """A chunk's arrays [B, ...] as [B / _PIECE, _PIECE, ...] for a `lax.scan` / `lax.map` over
-  pieces (or [1, B, ...] when B is not a multiple of _PIECE). On CPU a piece's float
-  temporaries stay in cache, where a whole chunk's are fresh memory every call: the card's
-  sums get ~1.7x faster (the margins, with [B] outputs, do not)."""
-  b = jax.tree.leaves(tree)[0].shape[0]
-  k = b // _PIECE if b % _PIECE == 0 else 1
-  return jax.tree.map(lambda x: x.reshape((k, b // k) + x.shape[1:]), tree)
-
-
 @jax.jit
 def _margins(lam, ex: m4.Examples, pi, eta):
   f = _f32(ex)
@@ -334,6 +321,18 @@ def repeat_counts(q, eta: float, key: jax.Array, start: int = 0) -> np.ndarray:
   x = np.asarray(q, np.float64) / eta
   u = uniforms(jax.random.fold_in(key, 1), start, x.shape[0])
   return (np.floor(x) + (u < x - np.floor(x))).astype(np.int32)
+
+
+_PIECE = 4096  # rows per step within a chunk (see _pieces)
+
+
+def _pieces(tree):
+  """A chunk's arrays [B, ...] as [B / _PIECE, _PIECE, ...] for a `lax.scan` over pieces
+  ([1, B, ...] when B is not a multiple of _PIECE): on CPU a piece's float temporaries stay in
+  cache, where a whole chunk's are fresh memory on every call (the card's sums: ~1.7x)."""
+  b = jax.tree.leaves(tree)[0].shape[0]
+  k = b // _PIECE if b % _PIECE == 0 else 1
+  return jax.tree.map(lambda x: x.reshape((k, b // k) + x.shape[1:]), tree)
 
 
 @jax.jit
