@@ -54,27 +54,6 @@ class ArrayShard:
     return {k: v[start:stop] for k, v in self.arrays.items()}
 
 
-def _npz_headers(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-  """(shape, dtype) of every array of an .npz from its member headers, without reading the
-  data (nor unpickling anything)."""
-  headers = {}
-  with zipfile.ZipFile(path) as z:
-    for name in z.namelist():
-      if not name.endswith(".npy"):
-        continue
-      with z.open(name) as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-          shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-          shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-        else:  # rare (non-latin-1 field names): read the array itself
-          array = np.lib.format.read_array(f, allow_pickle=False)
-          shape, dtype = array.shape, array.dtype
-      headers[name[:-4]] = (shape, dtype)
-  return headers
-
-
 def _read_header(f):
   """(shape, fortran_order, dtype) of the .npy whose magic starts at f's position, or None
   for header versions other than 1.0 / 2.0."""
@@ -84,6 +63,23 @@ def _read_header(f):
   if version == (2, 0):
     return np.lib.format.read_array_header_2_0(f)
   return None
+
+
+def _npz_headers(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """(shape, dtype) of every array of an .npz from its member headers, without reading the
+  data (nor unpickling anything)."""
+  headers = {}
+  with zipfile.ZipFile(path) as z:
+    for name in z.namelist():
+      if not name.endswith(".npy"):
+        continue
+      with z.open(name) as f:
+        header = _read_header(f)
+        if header is None:  # rare (non-latin-1 field names): read the array itself
+          array = np.lib.format.read_array(f, allow_pickle=False)
+          header = (array.shape, None, array.dtype)
+      headers[name[:-4]] = (header[0], header[2])
+  return headers
 
 
 def _stored_views(path: str) -> dict[str, np.ndarray] | None:
