@@ -1,7 +1,14 @@
 """Importing image–text pairs from a folder, a JSONL manifest and a webdataset shard, each with
-broken entries, into datasets the training pipeline reads."""
+broken entries, into datasets the training pipeline reads; the README's commands run as
+`python -m`; truncated shards. Re-importing under one name: test_imports_reuse.py."""
+import glob
 import io
 import json
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -143,3 +150,106 @@ def test_bad_calls_are_named(tmp_path):
                          image_size=SIZE, num_workers=1)
   left = list((tmp_path / "tfds").rglob("*"))
   assert not any(p.name == "1.0.0" or "incomplete" in p.name for p in left), left
+
+
+# ------------------------------------------------------------------ the README's commands
+
+README = pathlib.Path(__file__).parent.parent / "README.md"
+
+
+def _png(rng, side=8) -> bytes:
+  out = io.BytesIO()
+  PIL.Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(out, "PNG")
+  return out.getvalue()
+
+
+def _write_tar(path, members):
+  with tarfile.open(path, "w") as tar:
+    for name, data in members:
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+
+
+def test_readme_commands_run_as_a_module(tmp_path):
+  """Each documented `python -m siglip_fair.data.imports` line, verbatim apart from the size and
+  worker flags, in a folder holding the files it names, with HOME there so ~/tfds is too."""
+  commands = [shlex.split(line) for line in README.read_text().splitlines()
+              if line.startswith("python -m siglip_fair.data.imports ")]
+  assert sorted(c[3] for c in commands) == ["folder", "manifest", "webdataset"], commands
+  rng = np.random.default_rng(5)
+  (tmp_path / "photos" / "sub").mkdir(parents=True)
+  (tmp_path / "shards").mkdir()
+  captions = {"folder": [], "manifest": [], "webdataset": []}
+  for i, name in enumerate(["a.png", "sub/b.jpg"]):
+    image = PIL.Image.open(io.BytesIO(_png(rng)))
+    image.save(tmp_path / "photos" / name)  # the suffix picks PNG or JPEG
+    (tmp_path / "photos" / name).with_suffix(".txt").write_text(f"photo {i}\n")
+    captions["folder"].append(f"photo {i}")
+  lines = []
+  for i in range(3):
+    (tmp_path / f"{i}.png").write_bytes(_png(rng))
+    lines.append(json.dumps({"image": f"{i}.png", "caption": f"listed {i}"}))
+    captions["manifest"].append(f"listed {i}")
+  (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+  for shard in range(2):
+    members = []
+    for i in range(2):
+      members += [(f"{shard}{i:05d}.png", _png(rng)), (f"{shard}{i:05d}.txt", b"web %d" % i)]
+      captions["webdataset"].append(f"web {i}")
+    _write_tar(tmp_path / "shards" / f"{shard:05d}.tar", members)
+  env = dict(os.environ, HOME=str(tmp_path))
+  for command in commands:
+    kind = command[3]
+    argv = [a for pattern in command[4:] for a in (
+        sorted(glob.glob(pattern, root_dir=tmp_path)) if "*" in pattern else [pattern])]
+    # The timeout only guards against a hang (spawned workers re-running the command).
+    done = subprocess.run([sys.executable, *command[1:4], *argv, "--image_size", "16",
+                           "--workers", "2"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0, (command, done.stderr[-3000:])
+    path = done.stdout.strip().splitlines()[-1]
+    assert os.path.realpath(path).startswith(os.path.realpath(tmp_path / "tfds")), path
+    assert len(imports.data_source(path)) == len(captions[kind])
+    got = imports.read_captions(path)
+    assert sorted(c.decode() for c in got[:, 0]) == sorted(captions[kind]), kind
+    assert f"kept {len(captions[kind])}, skipped none" in done.stdout
+
+
+# ------------------------------------------------------------------------ truncated shards
+
+@pytest.mark.parametrize("cut_at", ["inside_image_header", "inside_image_data",
+                                    "inside_caption_header", "between_members"])
+def test_truncated_shard_is_counted(tmp_path, capsys, cut_at):
+  rng = np.random.default_rng(6)
+  shard = tmp_path / "00000.tar"
+  _write_tar(shard, [m for i in range(120) for m in ((f"{i:06d}.png", _png(rng)),
+                                                      (f"{i:06d}.txt", b"caption %d" % i))])
+  with tarfile.open(shard) as tar:
+    members = tar.getmembers()
+  image, caption = members[120:122]  # pair 60's
+  cut = {"inside_image_header": image.offset + 100,  # pair 60 unseen: the old "skipped none"
+         "inside_image_data": image.offset_data + image.size // 2,
+         "inside_caption_header": caption.offset + 100,
+         "between_members": caption.offset}[cut_at]
+  shard.write_bytes(shard.read_bytes()[:cut])
+  # Pairs with at least one member header wholly before the cut; pair 60's is cut short.
+  seen = {m.name.split(".")[0] for m in members if m.offset + tarfile.BLOCKSIZE <= cut}
+  cut_pairs = len(seen) - 60
+  assert cut_pairs == (0 if cut_at == "inside_image_header" else 1)
+  path = imports.import_pairs("webdataset", [str(shard)], str(tmp_path / "tfds"),
+                              name="cut_pairs", image_size=SIZE, num_workers=1)
+  printed = capsys.readouterr().out
+  report = json.load(open(f"{path}/import_report.json"))
+  unreadable = [r for r in report["skipped"] if r.startswith("unreadable tar: ")]
+  assert len(unreadable) == 1 and report["skipped"][unreadable[0]] == 1, report
+  assert report["examples"][unreadable[0]] == ["00000.tar"]  # the unknown rest of the shard
+  assert report["skipped"].get("truncated tar member", 0) == cut_pairs, report
+  if cut_pairs:
+    assert report["examples"]["truncated tar member"] == ["00000.tar/000060"]
+  assert report["kept"] == 60 and len(imports.data_source(path)) == 60
+  pairs_skipped = sum(report["skipped"].values()) - 1
+  assert report["kept"] + pairs_skipped == len(seen), report
+  summary = next(line for line in printed.splitlines() if line.startswith("import cut_pairs:"))
+  assert "1 (unreadable tar: " in summary and "import_report.json" in summary, summary
+  assert ("1 (truncated tar member)" in summary) == bool(cut_pairs), summary
