@@ -8,6 +8,7 @@ Arguments (``get_config("key=value,...")``):
   embed: representation (embedding) width.  res: image resolution.
   steps: training steps.  batch: global batch size.  loss: sigmoid | softmax.
   data: baseline | balanced (reads the keep mask from ``balance_dir``).  seed: run seed.
+  lr: peak learning rate (``optim.lr``).
 """
 import ml_collections
 
@@ -60,6 +61,10 @@ def get_config(arg=None):
   # and trains on, counting such steps in the metric nonfinite_steps (train/loop.py).
   c.nonfinite = "stop"
   c.progress = True
+  c.tensorboard = True  # also write <workdir>/tensorboard (metrics.jsonl is always written)
+  # Peak FLOP/s of one device for the MFU metric; 0.0 = the vendor figure for known
+  # accelerators (train/flops.py), none elsewhere. Set it for others or for fp32 runs.
+  c.peak_flops = 0.0
   overrides = {k: v for k, v in dict(width=arg.width, depth=arg.depth).items() if v}
   c.model = ml_collections.ConfigDict(dict(
       image=dict(variant=arg.variant, pool="gap", **overrides),
@@ -71,9 +76,19 @@ def get_config(arg=None):
       t_init=10.0 if arg.loss == "sigmoid" else 1 / 0.07,
       b_init=-10.0 if arg.loss == "sigmoid" else None,
   ))
-  c.optim = ml_collections.ConfigDict(dict(name="adamw", lr=arg.lr, wd=1e-4, b1=0.9, b2=0.98,
-                                           clip_norm=1.0))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1))
+  # name: adamw | sgd | adafactor. The lr warms up linearly, then decays on a cosine to
+  # end_lr_frac * lr; weight decay applies to the parameters whose path matches wd_params
+  # (train/optim.py).
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=arg.lr, wd=1e-4, b1=0.9, b2=0.98, eps=1e-8, clip_norm=1.0,
+      end_lr_frac=0.0, wd_params=r"(.*/)?(kernel|embedding)$"))
+  # Device mesh (train/sharding.py): the batch is split over data x fsdp, parameters and
+  # optimizer state over fsdp as well; sizes multiply to the device count, one may be -1.
+  # fsdp=1 is plain data parallelism; e.g. --config.mesh.data=2 --config.mesh.fsdp=4 on 8.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  # (regex over each state leaf's path, 'fsdp' | 'replicate'), first full match wins; 'fsdp'
+  # splits a leaf's largest dimension divisible by mesh.fsdp (replicated when that is 1).
+  c.sharding_rules = ((".*", "fsdp"),)
 
   # evaluate
   c.evals = default_evals_config(
