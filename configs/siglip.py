@@ -65,7 +65,9 @@ def get_config(arg=None):
   # Peak FLOP/s of one device for the MFU metric; 0.0 = the vendor figure for known
   # accelerators (train/flops.py), none elsewhere. Set it for others or for fp32 runs.
   c.peak_flops = 0.0
-  overrides = {k: v for k, v in dict(width=arg.width, depth=arg.depth).items() if v}
+  # None keeps the variant's own size; the fields are always there, so `--config.model.image.
+  # depth=...` works whatever the argument.
+  overrides = {k: v or None for k, v in dict(width=arg.width, depth=arg.depth).items()}
   c.model = ml_collections.ConfigDict(dict(
       image=dict(variant=arg.variant, pool="gap", **overrides),
       text=dict(variant=arg.text, vocab_size=c.tokenizer.vocab_size, max_len=c.tokenizer.max_len,

@@ -6,9 +6,11 @@
 
 `<sweep>(add)` in the config file (default `sweep`) calls `add(**args)` once per run; the args
 are merged into the ``get_config`` argument string after the colon and name the run's folder.
-A run whose folder has `eval.json` is finished and skipped; an unfinished one resumes from its
-checkpoints. So the launcher can be killed at any point and started again with the same command:
-it redoes nothing that was finished. Overrides (``--config.x=y``) apply to every run. Runs share
+A run whose folder has `eval.json` and whose record (fingerprint.json: config, training data,
+keep masks) matches what the sweep would run now is finished and skipped; an unfinished one
+resumes from its checkpoints. So the launcher can be killed at any point and started again with
+the same command: it redoes nothing that was finished. A run made from other inputs (another
+`--config.total`, a rebuilt keep mask) is moved to `<workdir>/.stale/` and run again. Overrides (``--config.x=y``) apply to every run. Runs share
 one data folder and one balancing folder under --workdir, prepared once before the first run.
 With --parallel N, N runs train at once, each in its own process (which dies with the launcher).
 
@@ -71,8 +73,43 @@ def prepare(configs, root: str) -> None:
         done.add(key)
 
 
+def run_fingerprint(config, root: str) -> dict:
+  """The record (fingerprint.json) a run of `config` must carry to count as this sweep's run."""
+  from siglip_fair import fingerprint, run_record, study
+  from siglip_fair.data import versions
+  masks = {}
+  for version, _ in versions.parse_schedule(config.data_version):
+    if version != "baseline":
+      out = study.balance_dir(study.version_config(config, root, version), root)
+      masks[version] = fingerprint.digest(fingerprint.read(out) or {})
+    else:
+      masks[version] = None
+  return run_record.wanted(config, study.train_data_identity(config), masks)
+
+
+def finished(run_dir: str, config, root: str) -> bool:
+  """Whether `run_dir` holds this run, finished. A run made from other inputs is moved to
+  `<root>/.stale/` (nothing is deleted) with one line saying what differs."""
+  from siglip_fair import fingerprint
+  if not os.path.isdir(run_dir):
+    return False
+  stored = fingerprint.read(run_dir)
+  if stored is None and not os.path.exists(os.path.join(run_dir, "config.json")):
+    return False  # never got as far as its record: resumes or starts afresh
+  diffs = fingerprint.compare(stored, run_fingerprint(config, root))
+  if not diffs:
+    return os.path.exists(os.path.join(run_dir, "eval.json"))
+  stale = os.path.join(root, ".stale", f"{os.path.basename(run_dir)}.{time.strftime('%Y%m%d-%H%M%S')}")
+  os.makedirs(os.path.dirname(stale), exist_ok=True)
+  os.replace(run_dir, stale)
+  print(f"sweep: {os.path.basename(run_dir)} was run from other inputs ({'; '.join(diffs)}); "
+        f"moved to {os.path.relpath(stale, root)}, running it again")
+  return False
+
+
 # Exit status after SIGTERM: 128 + the signal number, what schedulers read as "terminated".
 PREEMPTED_STATUS = 128 + signal.SIGTERM
+INTERRUPTED_STATUS = 128 + signal.SIGINT  # Ctrl-C: the run saved a checkpoint too
 
 
 def _die_with_parent():
@@ -129,20 +166,24 @@ def main(argv=None) -> int:
     from siglip_fair.train import distributed
     distributed.initialize()
   path, _, base_arg = args.config.partition(":")
-  _, module = cfglib.load_config_file(path)
-  runs = run_names(module, base_arg, args.sweep)
-  todo = [(name, arg) for name, arg in runs
-          if not os.path.exists(os.path.join(args.workdir, name, "eval.json"))]
-  print(f"sweep {args.sweep}: {len(runs)} runs, {len(runs) - len(todo)} finished, "
-        f"{len(todo)} to go")
-  configs = {name: _shared(cfglib.get_config(f"{path}:{arg}", overrides), args.workdir)
-             for name, arg in todo}
+  try:
+    _, module = cfglib.load_config_file(path)
+    runs = run_names(module, base_arg, args.sweep)
+    configs = {name: _shared(cfglib.get_config(f"{path}:{arg}", overrides), args.workdir)
+               for name, arg in runs}
+  except (cfglib.ConfigError, ValueError) as e:
+    print(f"sweep: config error: {e}", file=sys.stderr)
+    return 2
   start, failed, running = time.monotonic(), [], {}
   sigterm = _Sigterm(running)
   # Main thread only (Python's rule for signal handlers); the previous handler comes back.
   previous = signal.signal(signal.SIGTERM, sigterm)
   try:
     prepare(configs.values(), args.workdir)
+    todo = [(name, arg) for name, arg in runs
+            if not finished(os.path.join(args.workdir, name), configs[name], args.workdir)]
+    print(f"sweep {args.sweep}: {len(runs)} runs, {len(runs) - len(todo)} finished, "
+          f"{len(todo)} to go", flush=True)
     failed = _run_all(todo, args, path, overrides, configs, running, sigterm, start)
   finally:
     signal.signal(signal.SIGTERM, previous)
@@ -194,8 +235,9 @@ def _reap(running) -> list[str]:
       if proc.poll() is not None:
         log.close()
         del running[name]
-        if proc.returncode in (PREEMPTED_STATUS, -signal.SIGTERM):
-          status = "stopped by SIGTERM (checkpoint saved if it was training)"
+        if proc.returncode in (PREEMPTED_STATUS, -signal.SIGTERM, INTERRUPTED_STATUS,
+                               -signal.SIGINT):
+          status = "stopped by a signal (checkpoint saved if it was training)"
         else:
           status = "done" if proc.returncode == 0 else f"failed ({proc.returncode})"
         print(f"  {name}: {status}", flush=True)

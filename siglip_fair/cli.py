@@ -7,12 +7,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import os
-import shutil
-import socket
 import sys
-import tempfile
 from typing import Callable, Sequence
 
 _DEFAULT_CONFIG = {
@@ -24,36 +20,56 @@ _DEFAULT_CONFIG = {
     "report": "configs/siglip.py",
     "debias": "configs/debias.py",
     "results": "configs/study.py",
+    "config": "configs/siglip.py",
 }
 
+# (one-line summary for the top-level --help, full description for `<subcommand> --help`)
 _HELP = {
-    "demo": ("Run the end-to-end study on the synthetic biased world: build the data, annotate it, "
-             "balance it with M4, train a baseline and a balanced SigLIP model, evaluate quality and "
-             "bias of both, and write summary.json / summary.md / plots to the workdir."),
-    "data": ("Build the synthetic world as a TFDS ArrayRecord dataset (no download), train the "
-             "sentencepiece tokenizer on its captions and report text-annotation precision/recall."),
-    "balance": ("Annotate the training split (text lexicons, ground truth or zero-shot image "
-                "annotation; or stream the annotation shards in --config.annotations_dir) and run "
-                "M4 balancing with a progress bar per pass: writes keep probabilities, the keep "
-                "mask (and repeat counts with --config.balance.repeats=true) and a data card "
-                "(JSON, Markdown, PNG) to <workdir>/balance. Targets M4 cannot meet (verdict "
-                "'infeasible') are an error that writes nothing, unless "
+    "demo": ("the end-to-end study: world, M4, baseline vs balanced SigLIP, report",
+             "Run the end-to-end study on the synthetic biased world: build the data, annotate "
+             "it, balance it with M4, train a baseline and a balanced SigLIP model, evaluate "
+             "quality and bias of both, and write summary.json / summary.md / plots to the "
+             "workdir."),
+    "data": ("build the synthetic world and tokenizer; report annotation precision/recall",
+             "Build the synthetic world as a TFDS ArrayRecord dataset (no download), train the "
+             "sentencepiece tokenizer on its captions and report text-annotation "
+             "precision/recall."),
+    "balance": ("annotate the training split and run M4: keep mask and data card",
+                "Annotate the training split (text lexicons, ground truth or zero-shot image "
+                "annotation; or stream the annotation shards in --config.annotations_dir) and "
+                "run M4 balancing with a progress bar per pass: writes keep probabilities, the "
+                "keep mask (and repeat counts with --config.balance.repeats=true) and a data "
+                "card (JSON, Markdown, PNG) to <workdir>/balance. Outputs made from the same "
+                "data and config are reused; otherwise they are recomputed. Targets M4 cannot "
+                "meet (verdict 'infeasible') are an error that writes nothing, unless "
                 "--config.balance.allow_infeasible=true."),
-    "train": ("Train a two-tower model (SigLIP or CLIP loss) with periodic evaluation; resumes "
-              "automatically from the checkpoints in the workdir."),
-    "eval": "Evaluate the latest checkpoint in the workdir: zero-shot, retrieval, RB, AB, gender accuracy.",
-    "report": ("Plot RB, AB and quality against examples seen for every run under the workdir "
+    "train": ("train a two-tower model (SigLIP or CLIP loss); resumes from the workdir",
+              "Train a two-tower model (SigLIP or CLIP loss) with periodic evaluation; resumes "
+              "automatically from the checkpoints in the workdir (with the same config: a "
+              "resume with other settings is refused)."),
+    "eval": ("evaluate a run's latest checkpoint with the run's own config",
+             "Evaluate the latest checkpoint of the run in --workdir with the run's own "
+             "config.json (zero-shot, retrieval, RB, AB, gender accuracy). --config.<field> may "
+             "change evaluation fields only (evals, eval_data, eval_batch_size, data_dir, mesh). "
+             "Writes eval_step<N>.json beside the run's files, or in --output."),
+    "report": ("plot and tabulate RB, AB and quality of the runs under the workdir",
+               "Plot RB, AB and quality against examples seen for every run under the workdir "
                "(or the folders given with --runs) and tabulate their final metrics: writes "
                "report.png and report.md to the workdir."),
-    "debias": ("CLIP-debias: infer sensitive groups from a two-tower model's similarities to "
+    "debias": ("CLIP-debias: pseudo groups from prompts, cluster re-sampling, baselines",
+               "CLIP-debias: infer sensitive groups from a two-tower model's similarities to "
                "attribute prompts, cluster them, and train a target model with loss-aware "
                "cluster re-sampling, against ERM, JTT, GroupDRO and the true-group oracles over "
                "several seeds (analysis=methods: results.md/png), or vary prompts, k, F and tau "
                "(analysis=sensitivity: sensitivity.md/png)."),
-    "results": ("Collect every finished run of a sweep under the workdir (launch/local.py with "
+    "results": ("collect a sweep's runs: table by factor, Wilcoxon tests, plots",
+                "Collect every finished run of a sweep under the workdir (launch/local.py with "
                 "configs/study.py) into one table by factor: mean ± std over seeds, paired "
                 "Wilcoxon tests of each balanced cell against its baseline; writes results.csv, "
                 "results.md and results.png to the workdir."),
+    "config": ("print the resolved config (file, argument and overrides)",
+               "Print the config that the other subcommands would use, after the config file's "
+               "argument and every --config.<field>=<value> override; nothing is run or written."),
 }
 
 
@@ -70,13 +86,21 @@ def _parser() -> argparse.ArgumentParser:
       epilog="Override any config field with --config.<dotted.key>=<value>.")
   sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
   for name, text in _HELP.items():
-    p = sub.add_parser(name, help=text.split(":")[0].split(".")[0], description=text,
+    summary, text = text
+    p = sub.add_parser(name, help=summary, description=text,
                        epilog="Override any config field with --config.<dotted.key>=<value>.")
+    default = ("the run's own config.json" if name == "eval" else _DEFAULT_CONFIG[name])
     p.add_argument("--config", default=None,
-                   help=f"config file with optional argument, FILE.py[:ARG] (default {_DEFAULT_CONFIG[name]}).")
-    p.add_argument("--workdir", required=(name != "demo"),
-                   default=("workdir/demo" if name == "demo" else None),
-                   help="output folder; reruns resume from what is already there.")
+                   help=f"config file with optional argument, FILE.py[:ARG] (default {default}).")
+    if name != "config":
+      p.add_argument("--workdir", required=(name != "demo"),
+                     default=("workdir/demo" if name == "demo" else None),
+                     help=("the run to evaluate." if name == "eval" else
+                           "output folder; reruns resume from what is already there."))
+    if name == "eval":
+      p.add_argument("--output", default=None, metavar="DIR",
+                     help="where eval_step<N>.json goes (default: the run's folder); use it to "
+                          "evaluate a run you cannot write to.")
     if name == "report":
       p.add_argument("--runs", nargs="+", default=None, metavar="RUN_DIR",
                      help="run folders to compare (default: every run under --workdir).")
@@ -96,46 +120,6 @@ def _resolve_config(args, overrides):
   return cfglib.get_config(spec, overrides)
 
 
-# ------------------------------------------------------------------ checks before writing
-# A bad config must fail before data are built or anything is written (config.json of an
-# earlier run included). The library validates each field where it reads it, often late;
-# these run the same validators first, each owned by the module that reads the field.
-
-
-def _check_balance_config(config) -> None:
-  from siglip_fair.balance import m4, shards
-  m4.check_config(config.balance)
-  if config.get("annotations_dir"):
-    shards.as_shards(config.annotations_dir)  # opens headers only
-
-
-def _check_train_config(config) -> None:
-  from siglip_fair.config import durations
-  from siglip_fair.data import versions
-  from siglip_fair.evaluate import evaluators
-  from siglip_fair.models.two_tower import make_model
-  from siglip_fair.train import sharding
-  from siglip_fair.train.losses import LOSS_NAMES
-  from siglip_fair.train.optim import make_optimizer
-  durations.check_durations(config)
-  steps = durations.resolve_steps(config, num_examples=config.batch_size)
-  schedule = versions.parse_schedule(config.data_version)
-  if any(v != "baseline" for v, _ in schedule):
-    _check_balance_config(config)
-  from siglip_fair.train.state import NONFINITE_POLICIES
-  if config.get("nonfinite", "stop") not in NONFINITE_POLICIES:
-    raise ValueError(f"config.nonfinite={config.nonfinite!r}; use one of {NONFINITE_POLICIES} "
-                     "(stop at a non-finite loss or gradient, or skip that step's update).")
-  loss = config.get("loss", "sigmoid")
-  if loss not in LOSS_NAMES:  # read by train/state.py, which would say so only after the data
-    raise ValueError(f"config.loss={loss!r} is not a loss; use one of {LOSS_NAMES}.")
-  make_model(config.model)
-  make_optimizer(config.optim, steps.total_steps, steps.warmup_steps)
-  sharding.check_batch_size(config.batch_size, sharding.make_mesh(config.get("mesh")))
-  for name, sub in dict(config.evals).items():
-    evaluators.evaluator_class(name, sub)
-
-
 def _check_train_data(config, workdir, data) -> None:
   """Checks that need the data: eval datasets exist, evaluators find their splits, and
   balanced data versions are feasible (their M4 outputs are written here, as `balance`)."""
@@ -145,104 +129,49 @@ def _check_train_data(config, workdir, data) -> None:
   study.make_evaluators(config, data, make_model(config.model), bootstrap=False)
   for version, _ in versions.parse_schedule(config.data_version):
     if version != "baseline":
-      _balance(study.version_config(config, workdir, version), workdir, data)
-
-
-def _infeasible(card: dict, config) -> ValueError:
-  binding = card["binding"]
-  shown = ", ".join(binding[:5]) + (f" and {len(binding) - 5} more" if len(binding) > 5 else "")
-  worst = card["largest_violation"]
-  return ValueError(
-      f"M4 cannot meet the balance targets (verdict: infeasible): binding {shown}; largest "
-      f"violation {worst['name']} (|moment| {abs(worst['moment']):.4f} > eps "
-      f"{worst['eps']:.4f}). Nothing was written. Loosen balance.eps_rep / balance.eps_assoc "
-      f"(or balance.tolerance='relative'), lower the budget balance.eta={config.balance.eta}, "
-      "or pass --config.balance.allow_infeasible=true to write the outputs with this verdict.")
-
-
-def _balance(config, workdir, data=None):
-  """`study.balance`, written only when the card is feasible (or balance.allow_infeasible):
-  M4 writes into a staging folder beside the balance directory, moved into place at the end,
-  so a failed or infeasible run leaves the workdir as it was."""
-  from siglip_fair import study
-  out = study.balance_dir(config, workdir)
-  if os.path.exists(os.path.join(out, "m4.npz")):
-    return study.balance(config, workdir, data)  # finished earlier: reused as it is
-  parent = os.path.dirname(os.path.abspath(out))
-  os.makedirs(parent, exist_ok=True)
-  prefix = f".tmp_balance.{_host()}.{os.getpid()}."
-  _remove_dead_staging(parent)
-  staging = tempfile.mkdtemp(prefix=prefix, dir=parent)
-  try:
-    staged = config.copy_and_resolve_references()
-    staged.balance_dir = staging
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-      result = study.balance(staged, workdir, data)
-    if result["card"]["verdict"] != "feasible" and not config.balance.get(
-        "allow_infeasible", False):
-      raise _infeasible(result["card"], config)
-    os.makedirs(out, exist_ok=True)
-    names = sorted(os.listdir(staging), key=lambda f: f == "m4.npz")  # m4.npz marks completion
-    for name in names:
-      os.replace(os.path.join(staging, name), os.path.join(out, name))
-    print(printed.getvalue().replace(staging, out), end="")
-    return result
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
-
-
-def _host() -> str:
-  return socket.gethostname().replace(".", "_")
-
-
-def _remove_dead_staging(parent: str) -> None:
-  """Staging folders left by balance runs of this host that were killed (SIGKILL skips the
-  clean-up); those of live processes, e.g. parallel sweep runs, stay."""
-  host = _host()
-  for name in os.listdir(parent):
-    parts = name.split(".")
-    if name.startswith(".tmp_balance.") and len(parts) >= 5 and parts[2] == host:
-      try:
-        os.kill(int(parts[3]), 0)
-      except ProcessLookupError:
-        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-      except (ValueError, PermissionError):
-        pass  # not a pid of ours, or alive under another user
+      study.balance(study.version_config(config, workdir, version), workdir, data, strict=True)
 
 
 def _commands() -> dict[str, Callable]:
+  from siglip_fair.config import checks
+
   def demo(config, workdir):
     from siglip_fair import demo as demo_lib
-    _check_balance_config(config)
-    _check_train_config(config)
-    demo_lib.run(config, workdir)
+    checks.check_balance(config)
+    checks.check_train(config)
+    with _workdir(workdir, "demo"):
+      demo_lib.run(config, workdir)
 
   def data(config, workdir):
     from siglip_fair import study
-    study.prepare_data(config, workdir, report=True)
+    checks.check_data(config)
+    with _workdir(workdir, "data"):
+      study.prepare_data(config, workdir, report=True)
 
   def balance(config, workdir):
-    _check_balance_config(config)
-    _balance(config, workdir)
-
-  def train(config, workdir, stop_after=None):
     from siglip_fair import study
-    _check_train_config(config)
-    data = study.prepare_data(config, workdir)
-    _check_train_data(config, workdir, data)
-    return study.train_and_evaluate(config, workdir, data=data, stop_after=stop_after)
+    checks.check_data(config)
+    checks.check_balance(config)
+    with _workdir(workdir, "balance"):
+      study.balance(config, workdir, strict=True)
 
-  def evaluate(config, workdir):
-    import json
-    from siglip_fair.train import checkpoint
-    step = checkpoint.latest_step(workdir)
-    if step is None:
-      raise FileNotFoundError(f"no complete checkpoint in {workdir!r}; train a model there "
-                              "first (siglip-fair train --workdir ...).")
-    # Training to the step that is already there restores without taking a step.
-    result = train(config, workdir, stop_after=step)
-    print(json.dumps(result, indent=1))
+  def train(config, workdir):
+    from siglip_fair import study
+    checks.check_train(config)
+    with _workdir(workdir, "train"):
+      data = study.prepare_data(config, workdir)
+      _check_train_data(config, workdir, data)
+      return study.train_and_evaluate(config, workdir, data=data)
+
+  def evaluate(config, workdir, output=None):
+    from siglip_fair import run_record
+    from siglip_fair.train.progress import eval_summary_line
+    checks.check_data(config)
+    if output:
+      _usable(output)
+    result, path = run_record.evaluate(workdir, config, output)
+    print(eval_summary_line(result["step"], result))
+    print(f"eval: step {result['step']} of {workdir}; wrote {path}")
 
   def report(config, workdir, runs=None):
     del config
@@ -256,8 +185,13 @@ def _commands() -> dict[str, Callable]:
     from siglip_fair.debias import run as debias_run, sensitivity
     analyses = {"methods": debias_run.run, "sensitivity": sensitivity.run}
     if config.analysis not in analyses:
-      raise ValueError(f"analysis={config.analysis!r}; use one of {sorted(analyses)}.")
-    analyses[config.analysis](config, workdir)
+      raise ConfigCheckError(f"analysis={config.analysis!r}; use one of {sorted(analyses)}.")
+    from siglip_fair.debias.tasks import TASK_NAMES
+    if config.task.name not in TASK_NAMES:
+      raise ConfigCheckError(f"task.name={config.task.name!r} is not a debias task; use one of "
+                             f"{TASK_NAMES} (e.g. --config configs/debias.py:task=digits).")
+    with _workdir(workdir, "debias"):
+      analyses[config.analysis](config, workdir)
 
   def results(config, workdir):
     del config
@@ -265,11 +199,37 @@ def _commands() -> dict[str, Callable]:
     for path in sweep.write_results(workdir):
       print(f"results: wrote {path}")
 
+  def show(config, workdir=None):
+    del workdir
+    print(config)
+
   return {"demo": demo, "data": data, "balance": balance, "train": train, "eval": evaluate,
-          "report": report, "debias": debias, "results": results}
+          "report": report, "debias": debias, "results": results, "config": show}
+
+
+class ConfigCheckError(ValueError):
+  """A config value that names no known thing (exit status 2, like any config error)."""
+
+
+@contextlib.contextmanager
+def _workdir(path: str, command: str):
+  """The workdir must be usable, and one command writes it at a time (process 0 of a
+  multi-process job holds the lock for all)."""
+  import jax
+  from siglip_fair import workdir as workdir_lib
+  workdir_lib.check_usable(path)
+  with workdir_lib.lock(path, " ".join(["siglip-fair", command, *sys.argv[2:]]),
+                        lead=jax.process_index() == 0):
+    yield
+
+
+def _usable(path: str) -> None:
+  from siglip_fair import workdir as workdir_lib
+  workdir_lib.check_usable(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  from siglip_fair import workdir as workdir_lib
   from siglip_fair.config.loading import ConfigError, split_override_args
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
@@ -279,20 +239,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   args = _parser().parse_args(rest)
   try:
-    config = _resolve_config(args, overrides)
+    if args.command == "eval":
+      from siglip_fair import run_record
+      from siglip_fair.train import checkpoint
+      if checkpoint.latest_step(args.workdir) is None:
+        print(f"siglip-fair eval: error: no complete checkpoint in {args.workdir!r}; train a "
+              "model there first (siglip-fair train --workdir ...).", file=sys.stderr)
+        return 1
+      given = _resolve_config(args, ()) if args.config else None
+      config = run_record.eval_config(args.workdir, overrides, given)
+    else:
+      config = _resolve_config(args, overrides)
   except ConfigError as e:
     print(f"siglip-fair: config error: {e}", file=sys.stderr)
+    return 2
+  except (ValueError, FileNotFoundError) as e:  # eval: the run's own config.json
+    print(f"siglip-fair {args.command}: error: {e}", file=sys.stderr)
     return 2
   try:
     if args.distributed or args.coordinator is not None:
       from siglip_fair.train import distributed
       distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    extra = {"runs": args.runs} if args.command == "report" else {}
-    _commands()[args.command](config, args.workdir, **extra)
+    extra = ({"runs": args.runs} if args.command == "report" else
+             {"output": args.output} if args.command == "eval" else {})
+    _commands()[args.command](config, getattr(args, "workdir", None), **extra)
+  except (ConfigCheckError, workdir_lib.WorkdirError, workdir_lib.WorkdirBusy) as e:
+    print(f"siglip-fair {args.command}: error: {e}", file=sys.stderr)
+    return 2
   except (ValueError, FileNotFoundError) as e:
     # Library errors carry a message naming the problem; a traceback adds nothing for users.
     print(f"siglip-fair {args.command}: error: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:
+    # Outside training (which saves a checkpoint on SIGINT itself): every file is written
+    # atomically, so stopping here leaves whole files only.
+    print(f"siglip-fair {args.command}: interrupted (Ctrl-C); every file written is whole, "
+          "rerun the same command to continue", file=sys.stderr)
+    return 130
   return 0
 
 

@@ -2,7 +2,8 @@
 
 world (planted gender<->occupation association and representation skew) -> text annotation ->
 M4 -> SigLIP on baseline and on balanced data (same steps) -> quality and bias evaluation ->
-summary.json / summary.md / plots in the workdir. Reruns resume each stage.
+summary.json / summary.md / plots in the workdir. Reruns resume each stage. RB and AB, model-
+and data-level, are in points (`report.summary.UNITS_NOTE`).
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def run(config, workdir: str) -> list[dict]:
                              metrics=["loss", "bias/rb", "bias/ab_mean", "zeroshot/top1"])
   plots.plot_bias_bars(rows, os.path.join(workdir, "bias.png"))
   shown = [{"model": r["model"], **{k: v for k, v in r.items() if _shown(k)}} for r in rows]
-  print("\n" + summary.format_table(shown))
+  print("\n" + summary.format_table(shown) + summary.UNITS_NOTE)
   print(f"\nM4 data card: {os.path.join(config.balance_dir, 'card.md')}")
   print(f"summary: {os.path.join(workdir, 'summary.md')} (+ summary.json, curves.png, bias.png); "
         f"{time.perf_counter() - start:.0f} s")

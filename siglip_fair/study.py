@@ -7,7 +7,6 @@ outputs atomically into the workdir, so a rerun reuses what is already there.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from typing import Any
@@ -53,8 +52,9 @@ def prepare_data(config, workdir: str, *, report: bool = False) -> Data:
   sources = {split: builder.data_source(config.world, ddir, split) for split in world.SPLITS}
   if imported:
     sources["train"], train_fields = imported
-    corpus = "import_" + hashlib.sha256(
-        os.path.abspath(os.path.expanduser(config.train_data)).encode()).hexdigest()[:12]
+    from siglip_fair import fingerprint
+    # Named by content, so a corpus re-imported with other pairs gets its own tokenizer.
+    corpus = "import_" + fingerprint.digest(train_data_identity(config), 12)
   else:
     if config.get("cache_train", True):
       # The synthetic world fits in memory; decoding each record once keeps the CPU for training.
@@ -170,47 +170,97 @@ def names() -> dict:
               proxies=list(world.PROXIES))
 
 
-def balance(config, workdir: str, data: Data | None = None) -> dict[str, Any]:
+def train_data_identity(config) -> dict:
+  """What identifies the training split's content: the world's knob hash (its TFDS builder
+  config) or an imported corpus's own fingerprint. Stage fingerprints build on it."""
+  if config.get("train_data"):
+    from siglip_fair import fingerprint
+    folder = os.path.abspath(os.path.expanduser(config.train_data))
+    stored = fingerprint.read(folder) or _import_fingerprint(folder)
+    return {"import": folder, "content": (fingerprint.digest(stored) if stored
+                                          else fingerprint.file_identity(folder))}
+  return {"world": builder.builder_config(config.world).name, "builder": builder._VERSION}  # pylint: disable=protected-access
+
+
+def _import_fingerprint(folder: str) -> dict | None:
+  try:
+    with open(os.path.join(folder, "import_fingerprint.json"), encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def balance(config, workdir: str, data: Data | None = None, *,
+            strict: bool = False) -> dict[str, Any]:
   """Annotates the training split (or reads `annotations_dir`, a folder of annotation shards in
-  training-split order) and runs M4. Writes to the balance directory, each file atomically:
-  annotations.npz, card.json, card.md, card.png, and m4.npz (q, keep, repeats when
-  `balance.repeats`) last, so its presence marks a complete run."""
-  from siglip_fair import balance as m4
-  from siglip_fair.report import plots
+  training-split order) and runs M4, into the balance directory: annotations.npz, card.json,
+  card.md, card.png, m4.npz (q, keep, repeats when `balance.repeats`) and fingerprint.json.
+
+  Content-addressed (`balance/stage.py`): outputs made from exactly these inputs are reused;
+  any other outputs there are recomputed and replaced, with one line saying what changed.
+  `strict`: an infeasible card is an error that writes nothing, unless
+  `balance.allow_infeasible` (the command line's behaviour).
+  """
+  from siglip_fair.balance import stage
   out = balance_dir(config, workdir)
-  path = os.path.join(out, "m4.npz")
-  if os.path.exists(path):
+  want = stage.wanted(config, train_data_identity(config))
+  reusable, diffs = stage.status(out, want)
+  if reusable:
+    print(f"balance: reusing {out} (made from the same data and config)")
     return load_balance(out)
+  if diffs:
+    print(f"balance: {out} was made from other inputs ({'; '.join(diffs)}); recomputing")
   from siglip_fair.train.loop import sigterm_raises
-  # Nothing to save part-way: SIGTERM stops at once, and atomic writes in progress remove their
-  # temp files, so the folder holds whole files only; m4.npz, written last, marks completion.
+  # Nothing to save part-way: SIGTERM stops at once; the staging folder is removed and the
+  # balance directory keeps whatever complete outputs it had.
   with sigterm_raises("balance: SIGTERM; stopped (every file is written whole or not at all), "
                       "rerun the same command to balance again"):
     data = data or prepare_data(config, workdir)
-    source = config.get("annotations_dir") or ""
-    if source:  # streamed from the shards, never loaded whole
-      ann, shards = None, m4.as_shards(source)
-      total = sum(len(s) for s in shards)
-      if total != len(data.sources["train"]):
-        raise ValueError(f"annotations_dir={source!r} holds {total} rows but the training split "
-                         f"has {len(data.sources['train'])}; shards must cover it in order.")
-    else:
-      ann = shards = annotations(config, data)
-    result = m4.balance_stream(shards, config.balance, jax.random.key(config.balance.seed),
-                               names=names(), progress=config.get("progress", False))
-    os.makedirs(out, exist_ok=True)
-    if ann is not None:
-      annotate.save_annotations(os.path.join(out, "annotations.npz"), ann)
-    atomic_write(os.path.join(out, "card.json"), json.dumps(result.card, indent=1))
-    atomic_write(os.path.join(out, "card.md"), m4.card_markdown(result.card))
-    plots.plot_data_card(result.card, os.path.join(out, "card.png"))
-    arrays = dict(q=result.q, keep=result.keep)
-    if result.repeats is not None:
-      arrays["repeats"] = result.repeats
-    atomic_savez(path, **arrays)
+    result = stage.staged(out, want, lambda folder: _run_m4(config, data, folder, strict))
   print(f"balance: kept {result.keep.mean():.3f} of {result.keep.size} examples "
         f"(verdict: {result.card['verdict']}); card in {out}")
   return load_balance(out)
+
+
+def _run_m4(config, data: Data, out: str, strict: bool):
+  from siglip_fair import balance as m4
+  from siglip_fair.report import plots
+  source = config.get("annotations_dir") or ""
+  if source:  # streamed from the shards, never loaded whole
+    ann, shards = None, m4.as_shards(source)
+    total = sum(len(s) for s in shards)
+    if total != len(data.sources["train"]):
+      raise ValueError(f"annotations_dir={source!r} holds {total} rows but the training split "
+                       f"has {len(data.sources['train'])}; shards must cover it in order.")
+  else:
+    ann = shards = annotations(config, data)
+  result = m4.balance_stream(shards, config.balance, jax.random.key(config.balance.seed),
+                             names=names(), progress=config.get("progress", False))
+  if strict and result.card["verdict"] != "feasible" and not config.balance.get(
+      "allow_infeasible", False):
+    raise infeasible_error(result.card, config)
+  if ann is not None:
+    annotate.save_annotations(os.path.join(out, "annotations.npz"), ann)
+  atomic_write(os.path.join(out, "card.json"), json.dumps(result.card, indent=1))
+  atomic_write(os.path.join(out, "card.md"), m4.card_markdown(result.card))
+  plots.plot_data_card(result.card, os.path.join(out, "card.png"))
+  arrays = dict(q=result.q, keep=result.keep)
+  if result.repeats is not None:
+    arrays["repeats"] = result.repeats
+  atomic_savez(os.path.join(out, "m4.npz"), **arrays)
+  return result
+
+
+def infeasible_error(card: dict, config) -> ValueError:
+  binding = card["binding"]
+  shown = ", ".join(binding[:5]) + (f" and {len(binding) - 5} more" if len(binding) > 5 else "")
+  worst = card["largest_violation"]
+  return ValueError(
+      f"M4 cannot meet the balance targets (verdict: infeasible): binding {shown}; largest "
+      f"violation {worst['name']} (|moment| {abs(worst['moment']):.4f} > eps "
+      f"{worst['eps']:.4f}). Nothing was written. Loosen balance.eps_rep / balance.eps_assoc "
+      f"(or balance.tolerance='relative'), lower the budget balance.eta={config.balance.eta}, "
+      "or pass --config.balance.allow_infeasible=true to write the outputs with this verdict.")
 
 
 def load_balance(out: str) -> dict[str, Any]:
@@ -284,12 +334,29 @@ def version_config(config, workdir: str, version: str):
 
 def version_keep(config, workdir: str, data: Data, version: str) -> np.ndarray | None:
   """Keep mask (or repeat counts with `balance.repeats`) of data `version`; None = all."""
+  return version_data(config, workdir, data, version)[0]
+
+
+def version_data(config, workdir: str, data: Data,
+                 version: str) -> tuple[np.ndarray | None, str | None]:
+  """(keep mask or repeat counts, fingerprint digest of the balance outputs) of `version`;
+  (None, None) for the baseline. A mask made for other training data is refused."""
   if version == "baseline":
-    return None
+    return None, None
+  from siglip_fair import fingerprint
   config = version_config(config, workdir, version)
   result = balance(config, workdir, data)
+  out = balance_dir(config, workdir)
+  stored = fingerprint.read(out) or {}
+  keep = result["repeats"] if config.balance.get("repeats", False) else result["keep"]
+  identity = train_data_identity(config)
+  if stored.get("data") != identity or len(keep) != len(data.sources["train"]):
+    diffs = fingerprint.compare({"data": stored.get("data"), "rows": len(keep)},
+                                {"data": identity, "rows": len(data.sources["train"])})
+    raise ValueError(f"the {version} keep mask in {out} was made for other training data "
+                     f"({'; '.join(diffs)}); delete {out} or rerun `balance` with this config.")
   # Repeat counts (E[r] = q / η) give a balanced set the size of the baseline's.
-  return result["repeats"] if config.balance.get("repeats", False) else result["keep"]
+  return keep, fingerprint.digest(stored)
 
 
 def train_and_evaluate(config, workdir: str, *, data: Data | None = None,
@@ -297,9 +364,11 @@ def train_and_evaluate(config, workdir: str, *, data: Data | None = None,
   """Trains one model on `config.data_version` data (one version or a schedule, see
   `data/versions.py`) and evaluates it; returns final metrics.
 
-  Writes to `workdir`: config.json, checkpoints/, metrics.jsonl (training curves with RB/AB
-  over training) and eval.json (final metrics with bootstrap intervals).
+  Writes to `workdir`: fingerprint.json and config.json (the run's record, once, see
+  `run_record.py`), checkpoints/, metrics.jsonl (training curves with RB/AB over training) and
+  eval.json (final metrics with bootstrap intervals). A finished run returns its eval.json.
   """
+  from siglip_fair import run_record
   from siglip_fair.evaluate import evaluators as ev
   from siglip_fair.models.two_tower import make_model
   from siglip_fair.train import loop
@@ -311,36 +380,31 @@ def train_and_evaluate(config, workdir: str, *, data: Data | None = None,
   steps = resolve_steps(config, num_examples)
   schedule = versions.schedule_steps(config.data_version, batch_size=config.batch_size,
                                      total_steps=steps.total_steps, num_examples=num_examples)
-  iterators = {v: train_iterator(config, data, version_keep(config, workdir, data, v))
-               for v in dict(schedule)}
+  iterators, masks = {}, {}
+  for version in dict(schedule):
+    keep, masks[version] = version_data(config, workdir, data, version)
+    iterators[version] = train_iterator(config, data, keep)
   train_iter = (iterators[schedule[0][0]] if len(schedule) == 1
                 else versions.ScheduledIterator(iterators, schedule))
   model = make_model(config.model)
   curve_evals = make_evaluators(config, data, model, bootstrap=False)
-  if jax.process_index() == 0:
-    # The run's settings next to its results (`results` groups runs by config.study), once
-    # data, balancing and evaluators accepted them.
-    atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
-  state = loop.train(config, workdir, train_iter=train_iter,
-                     evaluate_fn=lambda params, step: ev.run_all(curve_evals, params),
-                     num_examples=num_examples, stop_after=stop_after)
+  want = run_record.wanted(config, train_data_identity(config), masks)
+  lead = jax.process_index() == 0
+  state = loop.train(
+      config, workdir, train_iter=train_iter,
+      evaluate_fn=lambda params, step: ev.run_all(curve_evals, params),
+      num_examples=num_examples, stop_after=stop_after,
+      on_start=lambda start, total: run_record.start(workdir, config, want, start, lead=lead))
+  step = int(jax.device_get(state.step))
+  done = os.path.join(workdir, "eval.json")
+  if step == steps.total_steps and os.path.exists(done):
+    with open(done, encoding="utf-8") as f:  # finished earlier: its record stands
+      return json.load(f)
   final = ev.run_all(make_evaluators(config, data, model, bootstrap=True), state.params)
-  final["step"] = int(jax.device_get(state.step))
-  if jax.process_index() == 0:
+  final["step"] = step
+  if lead:
     # eval.json marks the run finished (launchers skip it), so it is written last.
     atomic_write(os.path.join(workdir, "eval_rows.json"),
                  json.dumps(ev.as_rows(final), indent=1))
-    atomic_write(os.path.join(workdir, "eval.json"), json.dumps(final, indent=1))
+    atomic_write(done, json.dumps(final, indent=1))
   return final
-
-
-def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
-  """Evaluates the latest checkpoint of a finished or unfinished run in `workdir`."""
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise FileNotFoundError(f"no checkpoints in {workdir!r}; train first.")
-  # Training to the step that is already there restores without taking a step.
-  from siglip_fair.train import checkpoint
-  step = checkpoint.latest_step(workdir)
-  result = train_and_evaluate(config, workdir, stop_after=step)
-  print(json.dumps(result, indent=1))
-  return result

@@ -25,7 +25,7 @@ CASES = [
     Case("zero_total_steps", "train --config.total=0",
          "config.total='0' gives 0 steps", "set --config.total to steps"),
     Case("zero_mesh_axis", "train --config.mesh.data=0",
-         "config.mesh={'data': 0}: sizes must be positive", "e.g. --config.mesh.data=-1"),
+         "{'data': 0, 'fsdp': 1}: sizes must be positive", "e.g. --config.mesh.data=-1"),
     Case("negative_world_size", "train --config.world.sizes.train=-5",
          "world.sizes.train=-5 must be a number of examples >= 0",
          "e.g. --config.world.sizes.train=20000"),
@@ -102,6 +102,31 @@ CASES = [
          "not a big_vision two-tower checkpoint: missing keys", "models.big_vision.save_npz"),
     Case("malformed_data_schedule", "train --config.data_version=baseline->balanced",
          "takes no '@WHEN'; every later one needs one", "'baseline->balanced@10%'"),
+    Case("unknown_loss_impl", "train --config.loss_impl=ringg",
+         "config.loss_impl='ringg' is not a loss implementation", "did you mean 'ring'?"),
+    Case("unknown_model_dtype", "train --config.model.dtype=fp8",
+         "model.dtype='fp8'", "use one of ['bfloat16', 'float32']"),
+    Case("unknown_model_head", "train --config.model.head=deep",
+         "config.model.head='deep'", "use one of ('linear', 'mlp', 'none')"),
+    Case("unknown_image_pool", "train --config.model.image.pool=max",
+         "config.model.image.pool='max'", "use one of ('gap', 'map', 'tok')"),
+    Case("image_size_not_divisible_by_patch", "train --config.world.image_size=30 (patch 8)",
+         "world.image_size=30 is not a multiple of the patch size 8",
+         "--config.world.image_size=24"),
+    Case("tokenizer_vocab_too_small", "train --config.tokenizer.vocab_size=5",
+         "tokenizer.vocab_size=5 is too small", "--config.tokenizer.vocab_size=30"),
+    Case("config_syntax_error", "train --config <file with a syntax error on line 3>",
+         "line 3: syntax error", "fix the file"),
+    Case("workdir_is_a_file", "train --workdir <a file>",
+         "is a file, not a folder", "pass a folder path"),
+    Case("workdir_read_only", "train --workdir <a folder that cannot be written>",
+         "cannot write in", "pass another --workdir"),
+    Case("workdir_in_use", "train --workdir <a folder another train command is writing>",
+         "is in use by pid", "wait for it to finish, or use another --workdir"),
+    Case("unknown_debias_task", "debias --config.task.name=mnist",
+         "task.name='mnist' is not a debias task", "configs/debias.py:task=digits"),
+    Case("eval_changes_training_field", "eval --workdir RUN --config.total=5",
+         "eval cannot change --config.total", "eval may set only"),
     Case("eval_without_checkpoint", "eval --workdir <folder with earlier results, no checkpoint>",
          "no complete checkpoint in", "train a model there first"),
 ]
@@ -135,6 +160,8 @@ def _snapshot(*roots) -> dict:
       for d in dirs:
         out[os.path.join(folder, d)] = None
       for f in files:
+        if f == ".lock":  # a command's workdir lock (siglip_fair/workdir.py), not an output
+          continue
         path = os.path.join(folder, f)
         with open(path, "rb") as fh:
           out[path] = (fh.read(), os.stat(path).st_mtime_ns)

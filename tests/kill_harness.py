@@ -35,6 +35,7 @@ SERVER = os.path.join(HERE, "kill_process.py")
 KILLS = 10  # per (workload, signal), all landing while the victim runs
 SEED = int(os.environ.get("KILL_HARNESS_SEED") or random.SystemRandom().randrange(10**6))
 PREEMPTED = 143  # 128 + SIGTERM: loop.Preempted, launch/local.py
+INTERRUPTED = 130  # 128 + SIGINT: loop.Preempted after Ctrl-C
 SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL}
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 # The runs of the sweep victims (test_kill_harness.MICRO_SWEEP); "" is a training workdir itself.
@@ -290,8 +291,8 @@ def _run(server, workload, args, workdir):
 
 
 def _check_file(path, clean: bool):
-  """Every output file parses completely. `clean`: the victim exited by itself (SIGTERM), so
-  even a metrics line cut short would be a bug."""
+  """Every output file parses completely. `clean`: the victim exited by itself (SIGTERM or
+  SIGINT), so even a metrics line cut short would be a bug."""
   name = os.path.basename(path)
   if name.endswith(".npz"):
     with np.load(path, allow_pickle=False) as f:
@@ -317,7 +318,7 @@ def _check_file(path, clean: bool):
 
 def check_outputs(root, sig, kill):
   """After a kill: every output under `root` is whole, and the latest checkpoint restores."""
-  clean = sig == signal.SIGTERM and kill.code == PREEMPTED
+  clean = (sig, kill.code) in ((signal.SIGTERM, PREEMPTED), (signal.SIGINT, INTERRUPTED))
   for folder, dirs, files in os.walk(root):
     # Temp files and staging folders (`.tmp_*`) are never read as outputs. A clean exit
     # removes its own (an earlier kill by the default SIGTERM action may have left some).
@@ -338,9 +339,10 @@ def check_outputs(root, sig, kill):
         assert os.path.isdir(os.path.join(folder, "checkpoints", str(step), "data"))
 
 
-def _sigterm_step(text) -> int | None:
-  """The step of the last 'training: SIGTERM at step N; checkpoint saved' in a log."""
-  steps = re.findall(r"SIGTERM at step (\d+); checkpoint saved", text)
+def _sigterm_step(text, name="SIGTERM") -> int | None:
+  """The step of the last 'training: SIGTERM at step N; checkpoint saved' in a log (or of
+  another signal's `name`)."""
+  steps = re.findall(name + r" at step (\d+); checkpoint saved", text)
   return int(steps[-1]) if steps else None
 
 

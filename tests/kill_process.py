@@ -94,7 +94,7 @@ def _child(request) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
       signal.signal(sig, signal.SIG_DFL)
     code = WORKLOADS[request["workload"]](*request["args"]) or 0
-  except SystemExit as e:  # e.g. loop.Preempted: status 143
+  except SystemExit as e:  # e.g. loop.Preempted: status 143 (SIGTERM) or 130 (SIGINT)
     code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     if not isinstance(e.code, int) and e.code is not None:
       print(e.code, file=sys.stderr)

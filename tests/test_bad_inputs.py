@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from siglip_fair import cli
+from siglip_fair.balance import stage
 from siglip_fair.balance import shards
 from siglip_fair.data.tokenizer import Tokenizer
 from siglip_fair.debias import infer
@@ -281,14 +282,14 @@ def test_infeasible_constraints(run, tmp_path, world, capsys):
   workdir = str(tmp_path / "allowed")
   dead = subprocess.Popen([sys.executable, "-c", ""])
   dead.wait()
-  os.makedirs(os.path.join(workdir, f".tmp_balance.{cli._host()}.{dead.pid}.x1"))
+  os.makedirs(os.path.join(workdir, f".tmp_balance.{stage._host()}.{dead.pid}.x1"))
   assert cli.main(["balance", "--workdir", workdir, *TINY, f"--config.data_dir={world}",
                    "--config.balance.eta=1.0", "--config.balance.allow_infeasible=true"]) == 0
   assert "verdict: infeasible" in capsys.readouterr().out
   with open(os.path.join(workdir, "balance", "card.json")) as f:
     card = json.load(f)
   assert card["verdict"] == "infeasible" and card["binding"][0].startswith("rep[")
-  assert sorted(os.listdir(workdir)) == ["balance"]  # no staging folder left behind
+  assert sorted(set(os.listdir(workdir)) - {".lock"}) == ["balance"]  # no staging folder left
 
 
 def test_big_vision_npz_missing_keys(tmp_path, world):
@@ -304,3 +305,151 @@ def test_big_vision_npz_missing_keys(tmp_path, world):
   _clear("big_vision_npz_missing_keys", str(error.value))
   assert str(npz) in str(error.value)
 
+
+
+# --------------------------------------------- checks that once ran only after work was done
+
+@pytest.fixture
+def before_work(tmp_path, capsys):
+  """before_work(case, *overrides, command='train', code=1): the command fails with the case's
+  message before anything is built or written: a fresh data folder stays empty and the
+  workdir (an earlier run's) unchanged."""
+  def check(case, *args, command="train", code=1):
+    data_dir = tmp_path / "fresh_data"
+    data_dir.mkdir(exist_ok=True)
+    err = _cli(capsys, command, *args, data_dir=str(data_dir),
+               workdir=_earlier(tmp_path / "run"), code=code)
+    assert not os.listdir(data_dir), os.listdir(data_dir)  # no world, no tokenizer
+    _clear(case, err)
+  return check
+
+
+def test_unknown_loss_impl(before_work):
+  before_work("unknown_loss_impl", "--config.loss_impl=ringg")
+
+
+def test_unknown_model_dtype(before_work):
+  before_work("unknown_model_dtype", "--config.model.dtype=fp8")
+
+
+def test_unknown_model_head(before_work):
+  before_work("unknown_model_head", "--config.model.head=deep")
+
+
+def test_unknown_image_pool(before_work):
+  before_work("unknown_image_pool", "--config.model.image.pool=max")
+
+
+def test_image_size_not_divisible_by_patch(before_work):
+  before_work("image_size_not_divisible_by_patch", "--config.world.image_size=30")
+
+
+def test_tokenizer_vocab_too_small(before_work):
+  before_work("tokenizer_vocab_too_small", "--config.tokenizer.vocab_size=5")
+
+
+def test_tokenizer_vocab_bound_is_sentencepiece_s(tmp_path):
+  """The bound the check uses is SentencePiece's own: it trains at the bound on captions that
+  use the whole alphabet, and refuses one piece less."""
+  from siglip_fair.config.checks import TOKENIZER_SPECIALS
+  from siglip_fair.data import world
+  from siglip_fair.data.tokenizer import train_sentencepiece
+  alphabet = "".join(sorted(world.caption_alphabet()))
+  texts = [alphabet] * 50 + ["a photo of a man", "a woman's car"] * 50
+  need = len(world.caption_alphabet()) + TOKENIZER_SPECIALS
+  train_sentencepiece(texts, need, str(tmp_path / "ok.model"))
+  with pytest.raises(RuntimeError, match="smaller than required_chars"):
+    train_sentencepiece(texts, need - 1, str(tmp_path / "small.model"))
+
+
+def test_caption_alphabet_covers_every_caption():
+  from siglip_fair.data import world
+  alphabet = world.caption_alphabet()
+  for seed in range(5):
+    cfg = world.default_config()
+    cfg.seed = seed
+    cfg.image_size = 16
+    for split in world.SPLITS:
+      ex = world.generate_split(cfg, split, 0, 300)
+      used = set("".join(c.decode() for c in ex["captions"].reshape(-1)))
+      assert used <= alphabet, (seed, split, used - alphabet)
+
+
+def test_config_syntax_error(run, tmp_path):
+  path = tmp_path / "broken.py"
+  path.write_text("import ml_collections\n\ndef get_config(arg=None)\n  return None\n")
+  err = run("train", "--config", str(path), code=2)
+  _clear("config_syntax_error", err)
+  assert str(path) in err
+
+
+def test_workdir_is_a_file(tmp_path, world, capsys):
+  path = tmp_path / "not_a_folder"
+  path.write_text("notes\n")
+  code = cli.main(["train", "--workdir", str(path), *TINY, f"--config.data_dir={world}"])
+  err = capsys.readouterr().err
+  assert code == 2 and path.read_text() == "notes\n", err
+  _clear("workdir_is_a_file", err)
+
+
+def test_workdir_read_only(tmp_path, world, capsys, monkeypatch):
+  from siglip_fair import workdir as workdir_lib
+  workdir = _earlier(tmp_path / "run")
+  before = _snapshot(workdir)
+  if os.geteuid() == 0:  # root writes anywhere: make the probe fail as a read-only mount would
+    monkeypatch.setattr(workdir_lib, "_write_error",
+                        lambda folder: OSError(30, "Read-only file system"))
+  else:
+    os.chmod(workdir, 0o555)
+  try:
+    code = cli.main(["train", "--workdir", workdir, *TINY, f"--config.data_dir={world}"])
+  finally:
+    os.chmod(workdir, 0o755)
+  err = capsys.readouterr().err
+  assert code == 2, err
+  _clear("workdir_read_only", err)
+  assert _snapshot(workdir) == before
+
+
+def test_workdir_in_use(tmp_path, world, capsys):
+  workdir = _earlier(tmp_path / "run")
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time\nfrom siglip_fair import workdir\n"
+       f"with workdir.lock({workdir!r}, 'siglip-fair train'):\n"
+       "  print('locked', flush=True)\n  time.sleep(600)\n"],
+      stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    before = _snapshot(workdir)
+    code = cli.main(["train", "--workdir", workdir, *TINY, f"--config.data_dir={world}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    _clear("workdir_in_use", err)
+    assert f"pid {holder.pid}" in err
+    assert _snapshot(workdir) == before
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def test_unknown_debias_task(tmp_path, capsys):
+  workdir = _earlier(tmp_path / "run")
+  before = _snapshot(workdir)
+  assert cli.main(["debias", "--workdir", workdir, "--config.task.name=mnist"]) == 2
+  _clear("unknown_debias_task", capsys.readouterr().err)
+  assert _snapshot(workdir) == before
+
+
+def test_eval_changes_training_field(tmp_path, capsys):
+  from siglip_fair.train import checkpoint
+  workdir = _earlier(tmp_path / "run")
+  os.makedirs(os.path.join(workdir, "checkpoints", "4"))  # a run (only eval_config reads it)
+  before = _snapshot(workdir)
+  original = checkpoint.latest_step
+  checkpoint.latest_step = lambda w: 4
+  try:
+    assert cli.main(["eval", "--workdir", workdir, "--config.total=5"]) == 2
+  finally:
+    checkpoint.latest_step = original
+  _clear("eval_changes_training_field", capsys.readouterr().err)
+  assert _snapshot(workdir) == before

@@ -168,15 +168,16 @@ def test_data_bias_matches_hand_counts_before_and_after():
   out = data_bias.data_bias_before_after(
       _annotations(), q, group_names=GROUPS, label_names=LABELS, pairs=PAIRS)
   expected = {
-      # Before: 5 men, 4 women known; nurse share 1/3 (men) vs 2/3 (women).
+      # Before: 5 men, 4 women known; nurse share 1/3 (men) vs 2/3 (women). RB is the men's
+      # share of the two groups minus 1/2, as the model's RB: 100 (5/9 - 1/2).
       "data/before/prevalence/man": 5 / 9, "data/before/prevalence/woman": 4 / 9,
-      "data/before/rb": 100 / 9,
+      "data/before/rb": 100 * (5 / 9 - 1 / 2),
       "data/before/ab/nurse_doctor": 100 * (2 / 3 - 1 / 3),
       "data/before/ab/librarian_scientist": -100.0,
       "data/before/ab_mean": (100 / 3 + 100) / 2,
       # After: halved male doctors, dropped the unlabelled man.
       "data/after/prevalence/man": 3 / 7, "data/after/prevalence/woman": 4 / 7,
-      "data/after/rb": 100 * (3 / 7 - 4 / 7),
+      "data/after/rb": 100 * (3 / 7 - 1 / 2),
       "data/after/ab/nurse_doctor": 100 * (2 / 3 - 1 / 2),
       "data/after/ab/librarian_scientist": -100.0,
       "data/after/ab_mean": (100 / 6 + 100) / 2,
@@ -190,10 +191,10 @@ def test_data_bias_empty_pair_is_nan_and_bad_input_is_explained():
   ann = _annotations()
   ann["y"][:, 2:] = 0  # nobody is a librarian or scientist any more
   out = data_bias.data_bias_metrics(ann, group_names=GROUPS, label_names=LABELS,
-                                    pairs=PAIRS, scale=1.0)
+                                    pairs=PAIRS)
   assert np.isnan(out["data/ab/librarian_scientist"])
   assert np.isnan(out["data/ab_mean"])
-  assert out["data/ab/nurse_doctor"] == pytest.approx(1 / 3)
+  assert out["data/ab/nurse_doctor"] == pytest.approx(100 / 3)  # points
   with pytest.raises(ValueError, match="Unknown label 'pilot'"):
     data_bias.data_bias_metrics(ann, group_names=GROUPS, label_names=LABELS,
                                 pairs=[("pilot", "nurse")])
@@ -203,3 +204,33 @@ def test_data_bias_empty_pair_is_nan_and_bad_input_is_explained():
   with pytest.raises(ValueError, match="no 'known'"):
     data_bias.data_bias_metrics({"s": ann["s"], "y": ann["y"]}, group_names=GROUPS,
                                 label_names=LABELS, pairs=PAIRS)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_data_bias_points_match_loops_on_random_weighted_annotations(seed):
+  # Multi-hot groups (an example may be in both or neither), unknown attributes and fractional
+  # keep weights; loops over examples in float64.
+  rng = np.random.default_rng(seed)
+  n = int(rng.integers(5, 80))
+  ann = {"s": (rng.random((n, 2)) < 0.5).astype(np.float32),
+         "known": (rng.random(n) < 0.8).astype(np.float32),
+         "y": (rng.random((n, 4)) < 0.4).astype(np.float32)}
+  q = rng.uniform(0, 1, n) * (rng.random(n) < 0.9)
+  out = data_bias.data_bias_metrics(ann, group_names=GROUPS, label_names=LABELS, pairs=PAIRS,
+                                    q=q)
+  mass = [sum(q[i] * ann["known"][i] * ann["s"][i, g] for i in range(n)) for g in range(2)]
+  rb = 100 * (mass[0] / (mass[0] + mass[1]) - 0.5) if sum(mass) > 0 else np.nan
+  np.testing.assert_allclose(out["data/rb"], rb, rtol=1e-9, atol=1e-9)
+  gaps = []
+  for f, s in ((0, 1), (2, 3)):
+    rate = []
+    for g in (1, 0):  # woman minus man
+      w = [q[i] * ann["known"][i] * ann["s"][i, g] * max(ann["y"][i, f], ann["y"][i, s])
+           for i in range(n)]
+      rate.append(sum(wi * ann["y"][i, f] for i, wi in enumerate(w)) / sum(w)
+                  if sum(w) > 0 else np.nan)
+    gaps.append(100 * (rate[0] - rate[1]))
+    np.testing.assert_allclose(out[f"data/ab/{LABELS[f]}_{LABELS[s]}"], gaps[-1], rtol=1e-9,
+                               atol=1e-9)
+  np.testing.assert_allclose(out["data/ab_mean"], np.mean(np.abs(gaps)), rtol=1e-9, atol=1e-9)
+  assert -50 <= out["data/rb"] <= 50 or np.isnan(out["data/rb"])

@@ -115,3 +115,29 @@ def test_bad_inputs_raise():
       fn(zimg[0], ztxt[0], T, BIAS)
     with pytest.raises(ValueError, match="weights must be"):
       fn(zimg, ztxt, T, BIAS, weights[:5])
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "softmax"])
+def test_chunked_losses_trace_at_a_batch_beyond_int32_pair_counts(name):
+  # 46,342 · 46,341 > 2**31 − 1. eval_shape traces without running the scan; the negative
+  # count used to be parsed as an int32 divisor and overflow while tracing.
+  z = jax.ShapeDtypeStruct((46_342, 2), jnp.float32)
+  loss, metrics = jax.eval_shape(
+      lambda zi, zt: chunked_losses.chunked_loss(name, 4096)(zi, zt, T, BIAS), z, z)
+  assert (loss.shape, loss.dtype) == ((), jnp.float32)
+  assert {k: v.shape for k, v in metrics.items()} == {"pos_logit": (), "neg_logit": ()}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_chunked_logit_metrics_match_numpy_means_over_seeds(seed):
+  rng = np.random.default_rng(100 + seed)
+  n, chunk = int(rng.integers(1, 40)), int(rng.integers(1, 12))
+  zimg, ztxt, _ = inputs(n, d=int(rng.integers(2, 9)), seed=seed)
+  logits = T * np.asarray(zimg, np.float64) @ np.asarray(ztxt, np.float64).T + BIAS
+  off = ~np.eye(n, dtype=bool)
+  for name, shift in (("sigmoid", 0.0), ("softmax", BIAS)):
+    _, m = chunked_losses.chunked_loss(name, chunk)(zimg, ztxt, T, BIAS)
+    np.testing.assert_allclose(m["pos_logit"], np.mean(np.diag(logits)) - shift, rtol=1e-5,
+                               atol=1e-5)
+    neg = np.mean(logits[off]) - shift if n > 1 else 0.0  # no negatives: 0 / max(0, 1)
+    np.testing.assert_allclose(m["neg_logit"], neg, rtol=1e-5, atol=1e-5)

@@ -91,3 +91,32 @@ def test_resolve_steps_and_errors():
     cfglib.resolve_steps(ml_collections.ConfigDict(dict(batch_size=8, total="1ep")))
   with pytest.raises(ValueError, match="batch_size"):
     cfglib.resolve_steps(ml_collections.ConfigDict(dict(batch_size=0, total=10)))
+
+
+@pytest.mark.parametrize("value", [0, "0", "never", " Never ", "0%", "0ex"])
+def test_eval_every_zero_or_never_resolves_to_zero_meaning_off(value):
+  c = ml_collections.ConfigDict(dict(batch_size=8, total=100, eval_every=value, log_every=0))
+  steps = cfglib.resolve_steps(c)
+  assert steps.eval_every == 0  # the loop never evaluates (test_loop_hygiene.py)
+  assert steps.log_every == 1  # other intervals stay at least one step
+  c.ckpt_every = 0
+  assert cfglib.resolve_steps(c).ckpt_every == 0  # only the final checkpoint
+
+
+def test_check_override_accepts_never_for_eval_every_only():
+  from siglip_fair.config import durations
+  for raw in ("never", "NEVER", "0", "10%", "2ep", "5000ex", "300"):
+    durations.check_override("eval_every", raw, name="--config.eval_every")
+  durations.check_override("ckpt_every", "0")
+  with pytest.raises(ValueError, match=r"--config.log_every: 'never' is only for eval_every"):
+    durations.check_override("log_every", "never", name="--config.log_every")
+  with pytest.raises(ValueError, match=r"^eval_every: cannot read duration '3 apples'"):
+    durations.check_override("eval_every", "3 apples")
+  with pytest.raises(ValueError, match="percentage"):  # the length itself is no percentage
+    durations.check_override("total", "10%")
+  durations.check_override("total", "2ep")
+  # In a config file, too, 'never' is for eval_every only.
+  for field in ("log_every", "ckpt_every", "warmup", "total"):
+    c = ml_collections.ConfigDict({"batch_size": 8, "total": 100, field: "never"})
+    with pytest.raises(ValueError, match="cannot read duration 'never'"):
+      cfglib.resolve_steps(c)

@@ -49,13 +49,28 @@ def test_no_network_fixture_refuses_internet_sockets(no_network):
   no_network.clear()
 
 
-def test_demo_writes_side_by_side_summary(tmp_path, capsys, no_network):
-  workdir = tmp_path / "demo"
-  args = ["demo", "--config", os.path.join(REPO, "configs", "demo.py") + ":steps=30,batch=32,depth=1",
-          "--workdir", str(workdir), "--config.eval_batch_size=100", "--config.progress=false"]
-  sizes = dict(train=1500, objects=100, people=100, retrieval=100)
-  args += [f"--config.world.sizes.{k}={v}" for k, v in sizes.items()]
-  args += [f"--config.evals.{e}.bootstrap.num_samples=50" for e in ("zeroshot", "rb", "ab", "gender_acc")]
+TINY_DEMO = ["--config.total=30", "--config.batch_size=32", "--config.model.image.depth=1",
+             "--config.model.text.depth=1", "--config.eval_batch_size=100",
+             "--config.progress=false",
+             *[f"--config.world.sizes.{k}={v}" for k, v in
+               dict(train=1500, objects=100, people=100, retrieval=100).items()],
+             *[f"--config.evals.{e}.bootstrap.num_samples=50"
+               for e in ("zeroshot", "rb", "ab", "gender_acc")]]
+
+
+def _readme_demo_command() -> list[str]:
+  """The README's quick-start demo command (after its set-up steps), as written."""
+  from test_docs import readme_commands  # pylint: disable=g-import-not-at-top
+  (demo,) = [c for c in readme_commands() if c.subcommand == "demo" and not c.inline][:1]
+  assert demo.program == "siglip_fair" and demo.argv[:3] == ("python", "-m", "siglip_fair")
+  return list(demo.argv[3:])
+
+
+def test_demo_writes_side_by_side_summary(tmp_path, capsys, no_network, monkeypatch):
+  # The README's command verbatim (its relative workdir under a fresh folder), on tiny inputs.
+  monkeypatch.chdir(tmp_path)
+  args = _readme_demo_command() + TINY_DEMO
+  workdir = tmp_path / args[args.index("--workdir") + 1]
   assert cli.main(args) == 0
   out = capsys.readouterr().out
   assert "| bias/rb" in out and "baseline" in out and "balanced" in out

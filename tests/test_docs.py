@@ -364,7 +364,7 @@ def test_the_docs_are_parsed():
   assert quick.block.startswith("python3 -m venv .venv && . .venv/bin/activate")
   assert quick.argv == ("python", "-m", "siglip_fair", "demo", "--workdir", "workdir/demo")
   train = [c for c in readme if c.subcommand == "train"][0]
-  assert train.config == "configs/siglip.py:variant=Ti/8,steps=3000,loss=softmax"
+  assert train.config.startswith("configs/siglip.py:variant=Ti/8,") and "steps=3000" in train.config
   assert train.overrides == [("batch_size", "256"), ("optim.lr", "1e-3")]
   mentioned = {k for _, pairs in override_mentions() for k, _ in pairs}
   assert {"mesh.data", "mesh.fsdp", "peak_flops", "eval_data.ff.dataset",

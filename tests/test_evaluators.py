@@ -290,3 +290,29 @@ def test_results_as_json_rows():
       {"metric": "step", "value": 10, "lo": None, "hi": None, "tpl_lo": None, "tpl_hi": None},
       {"metric": "zeroshot/top1", "value": 0.5, "lo": 0.4, "hi": 0.6, "tpl_lo": 0.45,
        "tpl_hi": 0.55}]
+
+
+def test_retrieval_skew_convention_is_a_named_option():
+  context = _context(FakeTowers())
+  params = {"words": _word_table()}
+  base = {"type": "retrieval_skew", "queries": ["nurse", "scientist"], "ks": (1, 3)}
+  exact = ev.run_all(ev.build_evaluators({"s": base}, context), params)
+  dvl = ev.run_all(ev.build_evaluators(
+      {"s": {**base, "convention": "debias_vision_lang"}}, context), params)
+  # The smoothed MaxSkew is another quantity with its own name; NDKL is the same under both.
+  assert set(dvl) == {f"bias/{m}@{k}{s}" for m in ("maxskew_dvl", "ndkl") for k in (1, 3)
+                      for s in ("", "_max")}
+  people = context.sources["people"]
+  img = _unit([r["image"].reshape(-1)[:D] / 255.0 for r in people])
+  gender = np.array([r["gender"] for r in people])
+  prior = np.bincount(gender, minlength=2) / len(gender)
+  for k in (1, 3):
+    skews = []
+    for axis in (2, 5):
+      top = sorted(range(len(img)), key=lambda i: (-img[i, axis], i))[:k]
+      share = np.maximum(np.bincount(gender[top], minlength=2), 1) / k  # absent: 1/k
+      skews.append(max(0.0, *(np.log(share[g] / prior[g]) for g in range(2))))
+    assert dvl[f"bias/maxskew_dvl@{k}"] == pytest.approx(np.mean(skews)), k
+    assert dvl[f"bias/ndkl@{k}"] == exact[f"bias/ndkl@{k}"]
+  with pytest.raises(ValueError, match="convention='dvl'"):
+    ev.build_evaluators({"s": {**base, "convention": "dvl"}}, context)

@@ -198,3 +198,118 @@ def test_group_accuracies_bad_inputs():
     fairness.group_accuracies([1, 0], [0, 2], 2)
   with pytest.raises(ValueError, match="num_groups"):
     fairness.group_accuracies([1, 0], [0, 0], 0)
+
+
+def _dvl_top(row, groups, k):
+  """Groups of the top k labelled images by score (the instances below have no ties)."""
+  ranked = sorted(((float(s), int(g)) for s, g in zip(row, groups) if g >= 0), reverse=True)
+  return [g for _, g in ranked[:k]]
+
+
+def _dvl_maxskew(row, groups, k, dist):
+  """debias-vision-lang's MaxSkew (Berg et al. 2022), transcribed from its formula: over the
+  groups present among the labelled images, p = share of the top k, an absent group's p set
+  to 1/k, skew = log p − log dist_g; the max starts at 0."""
+  top = _dvl_top(row, groups, k)
+  best = 0.0
+  for g in sorted({int(x) for x in groups if x >= 0}):
+    p = top.count(g) / k or 1 / k
+    best = max(best, math.log(p) - math.log(dist[g]))
+  return best
+
+
+def _dvl_ndkl(row, groups, k, dist):
+  """debias-vision-lang's NDKL: Σ_i KL(counts_i / i || dist) / log2(i + 1) over the top k,
+  KL summed over p ≠ 0, normalised by Σ_{i ≤ k} 1 / log2(i + 1)."""
+  counts, total = [0] * len(dist), 0.0
+  for i, g in enumerate(_dvl_top(row, groups, k), 1):
+    counts[g] += 1
+    total += sum(c / i * (math.log(c / i) - math.log(d))
+                 for c, d in zip(counts, dist) if c) / math.log2(i + 1)
+  return total / sum(1 / math.log2(i + 1) for i in range(1, k + 1))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_debias_vision_lang_convention_matches_its_formula(seed):
+  rng = np.random.default_rng(seed)
+  g = int(rng.integers(2, 5))
+  n = int(rng.integers(10, 60))
+  # Skewed shares make rare groups that the top k often misses (where smoothing matters).
+  groups = rng.choice(np.arange(-1, g), n, p=rng.dirichlet(np.full(g + 1, 0.7)))
+  groups[:g] = np.arange(g)  # every group present (their eq_opp target is over those)
+  scores = rng.normal(size=(int(rng.integers(1, 6)), n)) + 2.0 * (groups == 0)
+  labelled = groups[groups >= 0]
+  shares = np.bincount(labelled, minlength=g) / len(labelled)
+  for k in sorted({1, 2, int(rng.integers(1, len(labelled) + 1)), len(labelled)}):
+    for target, dist in ((None, shares), (np.full(g, 1 / g), np.full(g, 1 / g))):
+      got = fairness.maxskew_at_k(scores, groups, k, target=target,
+                                  convention="debias_vision_lang")
+      np.testing.assert_allclose(got, [_dvl_maxskew(r, groups, k, dist) for r in scores],
+                                 rtol=1e-12, atol=1e-12)
+      got = fairness.ndkl_at_k(scores, groups, k, target=target, convention="debias_vision_lang")
+      np.testing.assert_allclose(got, [_dvl_ndkl(r, groups, k, dist) for r in scores],
+                                 rtol=1e-10, atol=1e-12)
+
+
+def test_debias_vision_lang_smooths_an_absent_rare_group():
+  # Nine images of group 0 above one of group 1 (π_1 = 0.1): the top 2 misses group 1.
+  groups = np.array([0] * 9 + [1])
+  scores = -np.arange(10.0)[None]
+  assert fairness.maxskew_at_k(scores, groups, 2)[0] == pytest.approx(math.log(1 / 0.9))
+  smoothed = fairness.maxskew_at_k(scores, groups, 2, convention="debias_vision_lang")[0]
+  assert smoothed == pytest.approx(math.log(0.5 / 0.1))  # p_1 = 1/k
+  with pytest.raises(ValueError, match="convention='dvl'"):
+    fairness.maxskew_at_k(scores, groups, 2, convention="dvl")
+
+
+def _eo_skip(y_true, y_pred, s, positive):
+  """Equalised odds with undefined rates left out (loops)."""
+  spreads = []
+  for want in (True, False):
+    rates = []
+    for a in sorted(set(s.tolist())):
+      rows = [i for i in range(len(s)) if s[i] == a and (y_true[i] == positive) == want]
+      if rows:
+        rates.append(sum(y_pred[i] == positive for i in rows) / len(rows))
+    if rates:
+      spreads.append(max(rates) - min(rates))
+  return max(spreads)
+
+
+def test_equalized_odds_difference_matches_fairlearn():
+  metrics = pytest.importorskip("fairlearn.metrics")
+  lacking = 0
+  for seed in range(60):
+    rng = np.random.default_rng(seed)
+    n, num_groups = int(rng.integers(2, 40)), int(rng.integers(1, 5))
+    s = rng.choice([3, 7, 8, 11][:num_groups], n)  # arbitrary values, some maybe absent
+    # Per-group base rates of 0 or 1 leave groups without positives or without negatives.
+    base = rng.choice([0.0, 0.3, 0.7, 1.0], 12)[s]
+    y_true = (rng.random(n) < base).astype(int)
+    y_pred = (rng.random(n) < rng.uniform(0.2, 0.8)).astype(int)
+    for a in np.unique(s):
+      lacking += len(set(y_true[s == a])) == 1
+    want = metrics.equalized_odds_difference(y_true, y_pred, sensitive_features=s)
+    got = fairness.equalized_odds_difference(y_true, y_pred, s)
+    assert got == pytest.approx(want, abs=1e-12), seed
+    # Multi-class labels binarised at `positive`, as fairlearn needs them.
+    y3_true, y3_pred = y_true * 2 + rng.integers(0, 2, n), y_pred * 2 + rng.integers(0, 2, n)
+    want = metrics.equalized_odds_difference(
+        (y3_true == 2).astype(int), (y3_pred == 2).astype(int), sensitive_features=s)
+    assert fairness.equalized_odds_difference(y3_true, y3_pred, s, positive=2) == (
+        pytest.approx(want, abs=1e-12))
+    assert fairness.equalized_odds_difference(y_true, y_pred, s, missing="skip") == (
+        pytest.approx(_eo_skip(y_true, y_pred, s, 1), abs=1e-12))
+  assert lacking >= 20  # the convention was exercised
+
+
+def test_equalized_odds_conventions_differ_where_a_group_lacks_positives():
+  # Group 1 has no positives: fairlearn counts its TPR as 0 (spread 0.5), "skip" ignores it.
+  y_true, y_pred = np.array([1, 1, 0, 0, 0, 0]), np.array([1, 0, 1, 0, 1, 0])
+  s = np.array([0, 0, 0, 0, 1, 1])
+  assert fairness.equalized_odds_difference(y_true, y_pred, s) == pytest.approx(0.5)
+  assert fairness.equalized_odds_difference(y_true, y_pred, s, missing="skip") == 0.0
+  with pytest.raises(ValueError, match="missing='nan'"):
+    fairness.equalized_odds_difference(y_true, y_pred, s, missing="nan")
+  with pytest.raises(ValueError, match="equal non-empty"):
+    fairness.equalized_odds_difference(y_true, y_pred[:3], s)

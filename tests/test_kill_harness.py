@@ -7,6 +7,7 @@ victims run and where the kills land: kill_harness.py.
 """
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -14,8 +15,8 @@ import time
 import numpy as np
 import pytest
 
-from kill_harness import (KILLS, PREEMPTED, RUNS, SEED, SIGNALS, Point, _kill_repeatedly, _lanes,
-                          _run, _sigterm_step, check_outputs)
+from kill_harness import (INTERRUPTED, KILLS, PREEMPTED, RUNS, SEED, SIGNALS, Point, _kill_at,
+                          _kill_repeatedly, _lanes, _run, _sigterm_step, check_outputs)
 from kill_harness import cpu, servers  # noqa: F401  (pytest fixtures)
 from siglip_fair.train import checkpoint
 
@@ -54,9 +55,15 @@ def setup_module():
 def _train_point(sig):
   def choose(rng, workdir, kills):
     """A step past the latest checkpoint (SIGKILL: up to five, plus up to 50 ms, often inside
-    the save that follows an even step), or now and then start-up (restore, compilation)."""
+    the save that follows an even step), or now and then start-up (restore, compilation).
+    A SIGTERM at start-up is noticed after the restore and saves the next step, so the victim
+    can finish before its kills are done: a finished one loses its final checkpoint (as if
+    it were lost), so the next run resumes from the one before and trains again."""
     del kills
     done = checkpoint.latest_step(workdir) or 0
+    if done >= TRAIN_STEPS:
+      shutil.rmtree(os.path.join(workdir, "checkpoints", str(done)))
+      done = checkpoint.latest_step(workdir) or 0
     if rng.random() < 0.4 or done + 1 > TRAIN_STEPS - 3:
       return Point("start", delay=rng.uniform(0.1, 1.5))
     ahead = rng.randint(1, 5) if sig == signal.SIGKILL else rng.randint(1, 2)
@@ -103,16 +110,48 @@ def test_training_killed_repeatedly_resumes_bit_identical(servers, cpu, tmp_path
           victim("SIGTERM")],
          [victim("SIGKILL")])
   for name in ("again", *SIGNALS):
-    killed = str(tmp_path / name)
-    assert _seen(killed) == _seen(whole), (name, SEED)  # the same batches at every position
-    with np.load(os.path.join(whole, "params.npz")) as a, \
-        np.load(os.path.join(killed, "params.npz")) as b:
-      assert a.files == b.files
-      for key in a.files:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name} {key} seed {SEED}")
-    # Every step logged once, with the uninterrupted run's loss bit for bit.
-    assert _losses(killed) == _losses(whole), (name, SEED)
-    assert [s for s, _ in _losses(killed)] == list(range(1, TRAIN_STEPS + 1))
+    _same_training(whole, str(tmp_path / name), name)
+
+
+def _same_training(whole, other, name):
+  """`other` ended with the uninterrupted run's batches, parameters and losses, bit for bit."""
+  assert _seen(other) == _seen(whole), (name, SEED)  # the same batches at every position
+  with np.load(os.path.join(whole, "params.npz")) as a, \
+      np.load(os.path.join(other, "params.npz")) as b:
+    assert a.files == b.files
+    for key in a.files:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name} {key} seed {SEED}")
+  # Every step logged once, with the uninterrupted run's loss bit for bit.
+  assert _losses(other) == _losses(whole), (name, SEED)
+  assert [s for s, _ in _losses(other)] == list(range(1, TRAIN_STEPS + 1))
+
+
+def test_training_interrupted_while_compiling_saves_and_resumes(servers, cpu, tmp_path):
+  """Ctrl-C (SIGINT) right after the start line, i.e. while the step compiles (a KeyboardInterrupt
+  inside XLA's C++ twice ended in SIGSEGV): noticed at the end of that step, which is saved;
+  exit 130, and the rerun resumes there and ends as an uninterrupted run."""
+  whole, victim = str(tmp_path / "whole"), str(tmp_path / "SIGINT")
+  args = [victim, str(TRAIN_STEPS)]
+
+  def interrupt():
+    os.makedirs(victim)
+    kill = _kill_at(servers[1], "train", args, victim, Point("log", "training: fresh run"),
+                    signal.SIGINT, os.path.join(victim, "victim.log"))
+    check_outputs(victim, signal.SIGINT, kill)
+    latest = checkpoint.latest_step(victim)
+    _run(servers[1], "train", args, victim)
+    with open(os.path.join(victim, "run.log")) as f:
+      return kill, latest, f.read()
+
+  (_,), ((kill, latest, rerun),) = _lanes(
+      [lambda: _run(servers[0], "train", [whole, str(TRAIN_STEPS)], whole)], [interrupt])
+  assert kill.code == INTERRUPTED, kill.log  # 128 + SIGINT, not a traceback or a crash
+  assert "Traceback" not in kill.log and "KeyboardInterrupt" not in kill.log, kill.log
+  step = _sigterm_step(kill.log, "SIGINT")
+  assert step is not None and latest == step and step < TRAIN_STEPS, kill.log
+  assert "rerun the same command to resume" in kill.log
+  assert f"training: resumed from step {step} of {TRAIN_STEPS}" in rerun
+  _same_training(whole, victim, "SIGINT")
 
 
 # ---------------------------------------------------------------- balancing

@@ -135,3 +135,48 @@ def test_bad_inputs_raise():
     softmax_loss(z, z, 1.0, weights=jnp.ones(3))
   with pytest.raises(ValueError, match="config.loss"):
     contrastive_loss("hinge", z, z, {"t": 1.0, "b": 0.0})
+
+
+# 46,342 · 46,341 > 2**31 − 1: the first batch whose negative count overflows int32.
+BIG = 46_342
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 46_341, BIG, 65_536, 10**6, 2**31])
+def test_pair_count_is_the_exact_count_as_a_float(n):
+  from siglip_fair.train.losses import _pair_count  # pylint: disable=g-import-not-at-top
+  exact = max(n * (n - 1), 1)  # Python ints never overflow
+  got = _pair_count(n)
+  assert isinstance(got, float) and got == float(exact)
+  # The traced form (the ring counts valid rows as an array) agrees to float32 rounding.
+  np.testing.assert_allclose(float(_pair_count(jnp.float32(n))), exact, rtol=2e-7)
+  assert _pair_count(np.int64(n)) == float(exact)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "softmax"])
+def test_full_losses_trace_at_a_batch_beyond_int32_pair_counts(name):
+  # eval_shape traces the loss without allocating the [B, B] logits (8.6 GB at this size); the
+  # count used to be parsed as an int32 divisor and overflow while tracing.
+  z = jax.ShapeDtypeStruct((BIG, 2), jnp.float32)
+  loss, metrics = jax.eval_shape(
+      lambda zi, zt: contrastive_loss(name, zi, zt, {"t": 1.0, "b": 0.0}), z, z)
+  assert loss.shape == () and loss.dtype == jnp.float32
+  assert {k: (v.shape, v.dtype) for k, v in metrics.items()} == {
+      "pos_logit": ((), jnp.float32), "neg_logit": ((), jnp.float32)}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_logit_metrics_match_numpy_means_over_seeds(seed):
+  rng = np.random.default_rng(seed)
+  n = int(rng.integers(1, 40))
+  zimg, ztxt, _ = _embeddings(n=n, d=int(rng.integers(2, 9)), seed=seed)
+  t, b = float(rng.uniform(1, 20)), float(rng.uniform(-10, 5))
+  logits = t * zimg @ ztxt.T + b  # float64
+  off = ~np.eye(n, dtype=bool)
+  neg = np.mean(logits[off]) if n > 1 else 0.0  # B = 1 has no negatives: 0 / max(0, 1)
+  zi, zt = jnp.asarray(zimg, jnp.float32), jnp.asarray(ztxt, jnp.float32)
+  for fn, shift in ((lambda: sigmoid_loss(zi, zt, t, b), 0.0),
+                    (lambda: softmax_loss(zi, zt, t), b)):
+    _, m = fn()
+    np.testing.assert_allclose(m["pos_logit"], np.mean(np.diag(logits)) - shift, rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(m["neg_logit"], neg - shift * (n > 1), rtol=1e-5, atol=1e-5)

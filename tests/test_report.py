@@ -137,3 +137,32 @@ def test_report_subcommand_plots_and_tabulates_every_run(tmp_path, capsys):
   assert "'nothing'" in capsys.readouterr().err
   assert cli.main(["report", "--workdir", str(tmp_path / "empty")]) == 1
   assert "no runs to report" in capsys.readouterr().err
+
+
+def test_every_rb_and_ab_metric_is_in_points():
+  points = ["bias/rb", "bias/rb_lo", "bias/rb_hi", "bias/ab/nurse_doctor",
+            "bias/ab/nurse_doctor_hi", "bias/ab_mean", "bias/ab_mean_lo", "bias/ab_argmax/a_b",
+            "bias/ab_argmax_mean_hi", "data/rb", "data/before/rb", "data/after/ab/nurse_doctor",
+            "data/ab_mean", "data/after/ab_mean_lo"]
+  other = ["zeroshot/top1", "zeroshot/top1_lo", "bias/gender_acc", "bias/gender_acc_gap",
+           "data/prevalence/man", "kept_fraction", "bias/maxskew@10", "bias/ndkl@10_max",
+           "retrieval/i2t_r1", "loss", "steps", "bias/rbx", "tab/x"]
+  assert [summary.metric_unit(m) for m in points] == ["points"] * len(points)
+  assert [summary.metric_unit(m) for m in other] == [""] * len(other)
+  assert "points" in summary.UNITS_NOTE and "[0, 1]" in summary.UNITS_NOTE
+
+
+def test_tables_and_plots_state_the_unit(tmp_path, monkeypatch):
+  from siglip_fair.report import plots, runs
+  _, md_path = report.write_summary(ROWS, str(tmp_path))
+  assert summary.UNITS_NOTE in open(md_path).read()
+  figures = []
+  monkeypatch.setattr(plots, "_save", lambda fig, out: figures.append(fig) or out)
+  report.plot_bias_bars(ROWS, str(tmp_path / "bias.png"))
+  _fake_run(tmp_path / "run", [3.0, 2.0], {"bias/rb": 2.0, "step": 20})
+  runs.write_report(runs.find_runs(str(tmp_path / "run")), str(tmp_path / "out"))
+  assert summary.UNITS_NOTE in (tmp_path / "out" / "report.md").read_text()
+  labels = {ax.get_title(): ax.get_ylabel() for fig in figures for ax in fig.axes
+            if ax.get_visible()}
+  assert labels == {"bias/rb": "points", "bias/ab_mean": "points",
+                    "bias/ab/nurse_doctor": "points", "loss": ""}

@@ -95,3 +95,31 @@ def test_ring_gradient_temporaries_are_at_most_a_quarter_of_the_full_loss(name):
   ring_mem = grad(ring).lower(*args).compile().memory_analysis().temp_size_in_bytes
   full_mem = grad(full_loss(name)).lower(*args).compile().memory_analysis().temp_size_in_bytes
   assert ring_mem * 4 <= full_mem, (ring_mem, full_mem)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "softmax"])
+def test_ring_traces_at_a_batch_beyond_int32_pair_counts(name):
+  # 46,342 · 46,341 > 2**31 − 1 (padded to 46,344 rows over 8 devices); eval_shape traces the
+  # shard_map without running the ring.
+  z = jax.ShapeDtypeStruct((46_342, 2), jnp.float32)
+  ring = ring_losses.ring_loss(name, _mesh(8))
+  loss, metrics = jax.eval_shape(lambda zi, zt: ring(zi, zt, 7.3, -4.1), z, z)
+  assert (loss.shape, loss.dtype) == ((), jnp.float32)
+  assert {k: (v.shape, v.dtype) for k, v in metrics.items()} == {
+      "pos_logit": ((), jnp.float32), "neg_logit": ((), jnp.float32)}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ring_logit_metrics_match_numpy_means_over_seeds(seed):
+  rng = np.random.default_rng(200 + seed)
+  num, n = int(rng.choice([2, 4, 8])), int(rng.integers(1, 30))
+  zimg, ztxt, _ = inputs(n, d=int(rng.integers(2, 9)), seed=seed)
+  t, b = float(rng.uniform(1, 20)), float(rng.uniform(-10, 5))
+  logits = t * np.asarray(zimg, np.float64) @ np.asarray(ztxt, np.float64).T + b
+  off = ~np.eye(n, dtype=bool)
+  for name, shift in (("sigmoid", 0.0), ("softmax", b)):
+    _, m = jax.jit(ring_losses.ring_loss(name, _mesh(num)))(zimg, ztxt, t, b)
+    np.testing.assert_allclose(m["pos_logit"], np.mean(np.diag(logits)) - shift, rtol=1e-5,
+                               atol=1e-5)
+    neg = np.mean(logits[off]) - shift if n > 1 else 0.0  # no negatives: 0 / max(0, 1)
+    np.testing.assert_allclose(m["neg_logit"], neg, rtol=1e-5, atol=1e-5)

@@ -107,3 +107,63 @@ def test_results_table_means_and_paired_wilcoxon(tmp_path):
 def test_results_without_finished_runs_is_an_error(tmp_path, capsys):
   assert cli.main(["results", "--workdir", str(tmp_path)]) == 1
   assert "no finished runs" in capsys.readouterr().err
+
+
+def _write_run_with_batch(root, name, study, batch_size, step, metrics):
+  folder = os.path.join(root, name)
+  os.makedirs(folder)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump({"study": study, "seed": study["seed"], "batch_size": batch_size, "total": step},
+              f)
+  with open(os.path.join(folder, "eval.json"), "w") as f:
+    json.dump({**metrics, "step": step}, f)
+
+
+def test_results_record_the_examples_each_run_saw(tmp_path):
+  # Launched with --config.total=30 --config.batch_size=32 while config.study still says
+  # the scale's nominal 115200ex: the run saw 30 × 32 = 960 examples.
+  rng = np.random.default_rng(5)
+  study = dict(scale="local", model="mu/8", width=64, embed=64, examples="115200ex",
+               loss="sigmoid", switch="0%")
+  seen = {}
+  for seed in range(3):
+    for data, (batch, step) in (("baseline", (32, 30)), ("balanced", (128, 900))):
+      value = float(rng.normal())
+      seen[(data, seed)] = (batch * step, value)
+      _write_run_with_batch(tmp_path, f"{data}_{seed}", dict(study, data=data, seed=seed),
+                            batch, step, {"bias/rb": value})
+  # A run whose nominal value is right, and one with an unequal step: its own cell.
+  _write_run_with_batch(tmp_path, "extra", dict(study, data="balanced", seed=7, examples="2ep"),
+                        128, 450, {"bias/rb": 1.0})
+  rows, _ = sweep.collect(str(tmp_path))
+  by_run = {r["run"]: r for r in rows}
+  for (data, seed), (examples, _) in seen.items():
+    row = by_run[f"{data}_{seed}"]
+    assert row["examples"] == f"{examples}ex" and row["examples_seen"] == examples
+    assert row["examples_config"] == "115200ex"
+  assert by_run["extra"]["examples"] == "57600ex"
+  table = {(c["data"], c["examples"]): c for c in sweep.cells(rows)}
+  assert set(table) == {("baseline", "960ex"), ("balanced", "115200ex"),
+                        ("balanced", "57600ex")}
+  for data, examples in (("baseline", "960ex"), ("balanced", "115200ex")):
+    v = np.array([seen[(data, s)][1] for s in range(3)])
+    assert table[(data, examples)]["n"] == 3
+    assert table[(data, examples)]["bias/rb"] == pytest.approx([v.mean(), v.std(ddof=1)])
+  # Baseline and balanced saw different amounts of data: no paired test between them.
+  assert sweep.wilcoxon_vs_baseline(rows) == []
+  sweep.write_results(str(tmp_path))
+  csv_rows = [line.split(",") for line in (tmp_path / "results.csv").read_text().splitlines()]
+  column = csv_rows[0].index("examples")
+  assert sorted(r[column] for r in csv_rows[1:]) == ["115200ex", "57600ex", "960ex"]
+  md = (tmp_path / "results.md").read_text()
+  assert "| 960ex | baseline | 3 |" in md and "| 115200ex | balanced | 3 |" in md
+  assert "baseline_0 (115200ex → 960ex)" in md and "extra (2ep → 57600ex)" in md
+  assert "balanced_0 (" not in md  # its nominal value was right
+  assert "points" in md
+
+
+def test_examples_seen_needs_step_and_batch_size():
+  assert sweep.examples_seen({"batch_size": 32}, {"step": 30}) == 960
+  assert sweep.examples_seen({}, {"step": 30}) is None
+  assert sweep.examples_seen({"batch_size": 32}, {}) is None
+  assert sweep.examples_seen({"batch_size": True}, {"step": 3}) is None

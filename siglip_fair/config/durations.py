@@ -7,6 +7,10 @@ Every duration-like config field (``total``, ``warmup``, ``log_every``, ``ckpt_e
 * ``"<n>ex"``: examples seen, e.g. ``"50000ex"`` (rounded up to whole steps);
 * ``"<x>ep"``: epochs over the training set, e.g. ``"2.5ep"`` (needs the data size);
 * ``"<p>%"``: percent of the total training steps, e.g. ``"10%"`` (not for ``total``).
+
+Intervals are at least one step, except that ``eval_every`` 0 or ``"never"`` turns periodic
+evaluation off and ``ckpt_every`` 0 saves only the final checkpoint (`resolve_steps` gives 0
+for both).
 """
 from __future__ import annotations
 
@@ -24,6 +28,15 @@ DURATION_FIELDS = {
     "ckpt_every": "25%",
     "eval_every": "50%",
 }
+# Intervals for which 0 means "off" (`resolve_steps` keeps the 0), and those that also take
+# the word 'never'.
+ZERO_MEANS_OFF = ("eval_every", "ckpt_every")
+NEVER_FIELDS = ("eval_every",)
+NEVER = "never"
+
+
+def _is_never(value) -> bool:
+  return isinstance(value, str) and value.strip().lower() == NEVER
 
 
 def to_steps(value, *, batch_size: int, total_steps: int | None = None,
@@ -78,7 +91,8 @@ def resolve_steps(config: ml_collections.ConfigDict,
 
   Reads ``config.batch_size``, ``config.total`` (required) and the optional fields of
   `DURATION_FIELDS`. Returns a ConfigDict with ``total_steps``, ``warmup_steps``,
-  ``log_every``, ``ckpt_every`` and ``eval_every`` (intervals are at least 1 step).
+  ``log_every``, ``ckpt_every`` and ``eval_every`` (intervals are at least 1 step, except
+  0 for ``eval_every`` 0 or 'never' and ``ckpt_every`` 0: see the module docstring).
   """
   if "total" not in config:
     raise ValueError("config.total is required: training length as steps, 'Nex', 'Nep'.")
@@ -93,11 +107,35 @@ def resolve_steps(config: ml_collections.ConfigDict,
                      "('2ep').")
   out = ml_collections.ConfigDict({"total_steps": total})
   for field, default in DURATION_FIELDS.items():
-    steps = to_steps(config.get(field, default), batch_size=bs, total_steps=total,
-                     num_examples=num_examples, name=field)
-    key = "warmup_steps" if field == "warmup" else field
-    out[key] = min(steps, total) if field == "warmup" else max(1, steps)
+    value = config.get(field, default)
+    if field in NEVER_FIELDS and _is_never(value):
+      out[field] = 0
+      continue
+    steps = to_steps(value, batch_size=bs, total_steps=total, num_examples=num_examples,
+                     name=field)
+    if field == "warmup":
+      out["warmup_steps"] = min(steps, total)
+    else:
+      out[field] = steps if field in ZERO_MEANS_OFF and steps == 0 else max(1, steps)
   return out
+
+
+def check_override(field: str, raw, name: str | None = None) -> None:
+  """Validates a command-line value for the duration field `field` (e.g. 'eval_every'),
+  before the batch size or data size are known; raises ValueError naming `name` (default: the
+  field) when it cannot be read. 'never' passes for the fields of `NEVER_FIELDS`."""
+  name = name or field
+  if field in NEVER_FIELDS and _is_never(raw):
+    return
+  try:
+    # Percentages are relative to `total`, so `total` itself cannot be one.
+    to_steps(raw, batch_size=1, total_steps=None if field == "total" else 1, num_examples=1,
+             name=name)
+  except ValueError as e:
+    if _is_never(raw):
+      raise ValueError(f"{name}: 'never' is only for {', '.join(NEVER_FIELDS)}; give a "
+                       "duration like 300, '5000ex', '2ep' or '10%'.") from None
+    raise
 
 
 def check_durations(config: ml_collections.ConfigDict) -> None:

@@ -20,6 +20,8 @@ import ml_collections
 
 from siglip_fair.config import durations
 
+# The repository root that holds the shipped configs/ (an editable install or a checkout).
+_SHIPPED_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _DURATION_KEYS = {"total", *durations.DURATION_FIELDS}
 # Groups whose members the user names (one entry per real eval dataset): an override may add a
 # member, e.g. `--config.eval_data.ff.dataset=fairface`; its fields are checked where they are
@@ -68,23 +70,48 @@ def load_config_file(spec: str) -> tuple[ml_collections.ConfigDict, Any]:
   name = "siglip_fair_config_" + os.path.splitext(os.path.basename(path))[0]
   module_spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(module_spec)
-  # Variants import their base as `from configs import siglip`: make the folder that holds
-  # the config's package importable while the file runs.
-  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-  sys.path.insert(0, root)
+  # Variants import their base as `from configs import siglip`: make the folder that holds the
+  # config's package importable while the file runs, and the shipped configs' folder too, so a
+  # personal config anywhere can build on them from every entry point (`siglip-fair`, `python
+  # -m siglip_fair`, launch/local.py), whatever the current directory.
+  roots = [os.path.dirname(os.path.dirname(os.path.abspath(path)))]
+  if os.path.isdir(os.path.join(_SHIPPED_ROOT, "configs")):
+    roots.append(_SHIPPED_ROOT)
+  sys.path[:0] = roots
   try:
     module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"config file {path!r} line {e.lineno}: syntax error ({e.msg}); fix the "
+                      "file so that `python " + path + "` runs.") from None
+  except Exception as e:  # pylint: disable=broad-except  # user code: report, don't trace
+    raise ConfigError(f"config file {path!r} failed to load{_where(e, path)}: "
+                      f"{type(e).__name__}: {e}") from None
   finally:
-    sys.path.remove(root)
+    for root in roots:
+      sys.path.remove(root)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} defines no get_config(arg); add `def "
                       "get_config(arg=None)` returning an ml_collections.ConfigDict (see "
                       "configs/siglip.py).")
-  config = module.get_config(arg or None)
+  try:
+    config = module.get_config(arg or None)
+  except ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f"{path}: get_config({arg or ''!r}) failed{_where(e, path)}: "
+                      f"{type(e).__name__}: {e}") from None
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict, "
                       f"got {type(config).__name__}.")
   return config, module
+
+
+def _where(error: BaseException, path: str) -> str:
+  """' at line N' of the innermost frame of `error` inside the config file (if any)."""
+  import traceback  # pylint: disable=g-import-not-at-top
+  lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
+           if os.path.abspath(f.filename) == os.path.abspath(path)]
+  return f" at line {lines[-1]}" if lines else ""
 
 
 def apply_overrides(config: ml_collections.ConfigDict,
@@ -96,11 +123,14 @@ def apply_overrides(config: ml_collections.ConfigDict,
     if leaf in _DURATION_KEYS and isinstance(current, (int, str)):
       # Durations take steps or unit strings ('5000ex', '2ep', '10%'); checked in durations.py.
       try:
-        durations.to_steps(raw, batch_size=1, total_steps=1, num_examples=1,
-                           name=f"--config.{dotted}")
+        durations.check_override(leaf, raw, name=f"--config.{dotted}")
       except ValueError as e:  # a ConfigError, so the CLI reports it like any bad override
         raise ConfigError(str(e)) from None
-      parent[leaf] = raw
+      try:
+        parent[leaf] = raw
+      except TypeError:  # a field that held steps (int) now takes a unit string
+        del parent[leaf]
+        parent[leaf] = raw
       continue
     parent[leaf] = _convert(raw, current, f"--config.{dotted}")
   return config

@@ -271,6 +271,18 @@ def _render(cfg, split, r, ex):
   return render.to_uint8(img, r["pixels"], cfg.noise)
 
 
+def caption_alphabet() -> frozenset[str]:
+  """Every character a caption of any world can hold: the templates' literal text and every
+  word they are filled with. A tokenizer needs a piece for each (plus pad, eos and unk), so
+  this bounds the smallest vocabulary before any data are built."""
+  import string  # pylint: disable=g-import-not-at-top
+  templates = (_PERSON_TEMPLATES + _OCCUPATION_TEMPLATES + _OBJECT_TEMPLATES + _OWNER_TEMPLATES)
+  literal = [text for t in templates for text, *_ in string.Formatter().parse(t)]
+  words = [*sum(GROUP_NOUNS, ()), NEUTRAL_NOUN, *OCCUPATIONS, *PROXIES, *OBJECT_CLASSES,
+           *render.OBJECT_COLOUR_NAMES, " next to ", " with ", ", ", " and ", "an ", "a "]
+  return frozenset("".join(literal + words))
+
+
 def _a(word):
   return ("an " if word[0] in "aeiou" else "a ") + word
 

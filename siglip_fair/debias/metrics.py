@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from siglip_fair.evaluate import fairness
 from siglip_fair.evaluate.fairness import group_accuracies
 
 
@@ -39,7 +40,9 @@ def classification_fairness(y_true, y_pred, sensitive, *, num_sensitive: int,
   Returns:
     accuracy; worst_group_accuracy and accuracy_gap over (label, attribute) groups;
     demographic_parity_difference = spread over attribute values of P(ŷ = positive | a);
-    equalized_odds_difference = max of the spreads of TPR and FPR (for `positive`).
+    equalized_odds_difference = max of the spreads of TPR and FPR (for `positive`), as
+      fairlearn defines it: a group without positives (negatives) counts as TPR (FPR) 0
+      (`evaluate.fairness.equalized_odds_difference`, missing='zero').
   """
   y_true, y_pred = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
   sensitive = np.asarray(sensitive, np.int64)
@@ -52,10 +55,8 @@ def classification_fairness(y_true, y_pred, sensitive, *, num_sensitive: int,
   _, worst, gap = group_accuracies(correct, groups, num_groups)
   by_attr = [sensitive == a for a in range(num_sensitive)]
   selected = y_pred == positive
-  is_pos = y_true == positive
-  tpr = _rate_spread(selected, [m & is_pos for m in by_attr])
-  fpr = _rate_spread(selected, [m & ~is_pos for m in by_attr])
   return {"accuracy": float(correct.mean()), "worst_group_accuracy": float(worst),
           "accuracy_gap": float(gap),
           "demographic_parity_difference": _rate_spread(selected, by_attr),
-          "equalized_odds_difference": float(np.nanmax([tpr, fpr]))}
+          "equalized_odds_difference": fairness.equalized_odds_difference(
+              y_true, y_pred, sensitive, positive=positive)}

@@ -1,9 +1,12 @@
 """Evaluation: metric math on embeddings and evaluators that embed eval splits.
 
 * `metrics`: zero-shot classification, retrieval Recall@k (quality, SPEC §4).
-* `bias`: representation bias, association bias, attribute accuracy (SPEC §3).
+* `bias`: representation bias, association bias, attribute accuracy (SPEC §3); RB and AB
+  are reported in points (`bias.POINTS` × a share or probability) everywhere.
 * `bootstrap`: percentile confidence intervals over images.
-* `fairness`: MaxSkew@k, NDKL@k, per-group / worst-group accuracy, template bootstrap.
+* `fairness`: MaxSkew@k, NDKL@k (exact or debias-vision-lang convention), per-group /
+  worst-group accuracy, the equalised-odds difference (fairlearn's convention), template
+  bootstrap.
 * `data_bias`: the same biases measured on dataset annotations (before/after M4).
 * `base`: the evaluator protocol (`EvalContext`, `Evaluator`) and shared batching.
 * `evaluators`: quality evaluators, the registry, `build_evaluators(config.evals, context)`,

@@ -6,12 +6,18 @@ sits exactly at parity (RB = 0, AB = 0) instead of favouring either.
 
 The statistics (`representation_bias`, `association_bias`) accept arbitrary
 leading batch axes, so `bootstrap.bootstrap_ci` evaluates all resamples at once.
+They return fractions; what the evaluators and `data_bias` report is points, POINTS × the
+fraction: RB in [−50, 50] (share − 1/2), AB in [−100, 100] (a difference of two shares).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from siglip_fair.evaluate import metrics
+
+# The one unit of every reported RB / AB (model- and data-level, points, intervals, plots):
+# percentage points, 100 × a share or probability.
+POINTS = 100.0
 
 
 def prefers_first(image_emb: np.ndarray, first_emb: np.ndarray,
@@ -77,7 +83,7 @@ def representation_bias(prefer: np.ndarray) -> np.ndarray:
       group)`, e.g. first = "man", second = "woman".
 
   Returns:
-    [...] in [-0.5, 0.5]; 0 is parity (report x100). NaN when N = 0.
+    [...] in [-0.5, 0.5], a fraction; 0 is parity (reported × POINTS). NaN when N = 0.
   """
   prefer = np.asarray(prefer, np.float32)
   if prefer.shape[-1] == 0:
@@ -118,7 +124,7 @@ def association_bias(prefer: np.ndarray, group: np.ndarray, group_a: int,
 
   Returns:
     (gaps [..., P] = P(first | a) - P(first | b), mean_abs [...] = mean of
-    |gaps|); NaN when either group has no images.
+    |gaps|), fractions in [-1, 1] (reported × POINTS); NaN when either group has no images.
   """
   gaps = group_rates(prefer, group, group_a) - group_rates(prefer, group, group_b)
   return gaps, np.abs(gaps).mean(-1)

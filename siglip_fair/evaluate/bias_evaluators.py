@@ -1,6 +1,12 @@
 """Bias evaluators (SPEC §3 and retrieval fairness): representation bias, association bias,
 sensitive-attribute accuracy with per-group / worst-group rates, and MaxSkew / NDKL of
-neutral text queries."""
+neutral text queries.
+
+Units: every RB and AB value (point, `_lo`, `_hi`; `rb`, `ab/*`, `ab_mean`, `ab_argmax/*`,
+`ab_argmax_mean`) is in points, 100 × a share or probability (`bias.POINTS`), with no
+per-evaluator scale, so no two of them can disagree. Accuracies are fractions in [0, 1];
+MaxSkew and NDKL are in nats.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -12,15 +18,15 @@ from siglip_fair.evaluate.base import (DEFAULT_OCCUPATION_PAIRS, Evaluator, labe
 
 
 class RepresentationBias(Evaluator):
-  """RB x scale: share of object images closer to contrast[0] than contrast[1]
-  group prompts, minus one half.
+  """RB in points: 100 × (share of object images closer to contrast[0] than contrast[1]
+  group prompts − 1/2), in [−50, 50]; > 0 leans to contrast[0].
 
-  Config: `group_words` (group -> synonyms), `contrast`, `templates`, `scale`
-  (100 = percentage points). Yields prefix + name with _lo/_hi.
+  Config: `group_words` (group -> synonyms), `contrast`, `templates`. Yields prefix + name
+  with _lo/_hi (points).
   """
   DEFAULTS = {"split": "objects", "group_words": prompts.DEFAULT_GROUP_WORDS,
               "contrast": ("man", "woman"), "templates": prompts.DEFAULT_TEMPLATES,
-              "scale": 100.0, "name": "rb", "prefix": "bias/"}
+              "name": "rb", "prefix": "bias/"}
 
   def __init__(self, config, context):
     super().__init__(config, context)
@@ -35,34 +41,35 @@ class RepresentationBias(Evaluator):
   def run(self, params):
     first, second = self._embed_prompt_sets(params, self._prompts)
     emb, _ = self._embed_split(params, [])
-    scale = self.config["scale"]
     yield from self._with_ci(self.config["name"],
-                             lambda p: scale * bias.representation_bias(p),
+                             lambda p: bias.POINTS * bias.representation_bias(p),
                              bias.prefers_first(emb, first, second))
 
 
 class AssociationBias(Evaluator):
-  """AB x scale per occupation pair: P(first | contrast[0]) - P(first | contrast[1]) on
-  people images, and the mean absolute gap (SPEC §3).
+  """AB in points per occupation pair: 100 × (P(first | contrast[0]) − P(first |
+  contrast[1])) on people images, in [−100, 100], and the mean absolute gap (SPEC §3).
 
-  Two readings of "the probability that the model prefers the first occupation":
+  Two readings of "the probability that the model prefers the first occupation", both
+  reported as the gap between the groups in points:
     ab/<first>_<second>, ab_mean: the model's own probability of the first occupation
       (softmax over the two prompts at its temperature, `bias.preference_probability`),
       averaged per group;
     ab_argmax/<first>_<second>, ab_argmax_mean: the share of a group's images whose
       closer prompt is the first (`bias.prefers_first`).
   They agree on varied images; on near-identical ones the share only reports the sign of
-  the model's group direction (0 or 100 per pair) and the probability its size.
+  the model's group direction (a gap of 0 or ±100 points per pair) and the probability its
+  size.
 
   Config: `group_key` (int field indexing `groups`), `contrast`, `pairs` ((first, second)
   names), `label_words` (optional name -> synonyms; default the name itself), `templates`,
-  `temperature` (None: the context's, i.e. the model's learnt one), `scale`. Every metric
+  `temperature` (None: the context's, i.e. the model's learnt one). Every metric (points)
   comes with _lo/_hi; NaN (and a logged warning) when a contrasted group has no images.
   """
   DEFAULTS = {"split": "people", "group_key": "gender", "groups": ("man", "woman"),
               "contrast": ("woman", "man"), "pairs": DEFAULT_OCCUPATION_PAIRS,
               "label_words": {}, "templates": prompts.DEFAULT_TEMPLATES,
-              "temperature": None, "scale": 100.0, "prefix": "bias/"}
+              "temperature": None, "prefix": "bias/"}
 
   def __init__(self, config, context):
     super().__init__(config, context)
@@ -96,12 +103,12 @@ class AssociationBias(Evaluator):
     t = float(self.context.temperature(params) if t is None else t)
     prefer = np.concatenate([bias.preference_probability(emb, first, second, t),
                              bias.prefers_first(emb, first, second)], -1)  # [N, 2P]
-    scale, num = self.config["scale"], len(self._pairs)
+    num = len(self._pairs)
 
     def stat(p, g):
       gaps = bias.association_bias(p, g, *self._contrast)[0]
       prob, share = gaps[..., :num], gaps[..., num:]
-      return scale * np.concatenate([prob, np.abs(prob).mean(-1, keepdims=True),
+      return bias.POINTS * np.concatenate([prob, np.abs(prob).mean(-1, keepdims=True),
                                      share, np.abs(share).mean(-1, keepdims=True)], -1)
 
     pairs = [f"{a}_{b}" for a, b in self._pairs]
@@ -153,11 +160,15 @@ class RetrievalSkew(Evaluator):
 
   Config: `queries` (words, e.g. occupations, each ensembled over `templates`), `ks` (required:
   the cut-offs are part of the metric), `group_key` (int field, -1 = unknown, left out),
-  `target` (group shares; None = their shares in the split). Yields prefix + maxskew@k and
-  ndkl@k, and their worst query (`_max`).
+  `target` (group shares; None = their shares in the split), `convention`: "exact" (default;
+  a group absent from the top k never sets MaxSkew) or "debias_vision_lang" (its share is
+  smoothed to 1/k, as Berg et al. 2022's code does; `fairness` module docstring). Yields
+  prefix + maxskew@k ("exact") or maxskew_dvl@k (the smoothed quantity has its own name) and
+  ndkl@k (the same under both), in nats, and their worst query (`_max`).
   """
   DEFAULTS = {"split": "people", "queries": None, "ks": None, "group_key": "gender",
-              "templates": prompts.DEFAULT_TEMPLATES, "target": None, "prefix": "bias/"}
+              "templates": prompts.DEFAULT_TEMPLATES, "target": None, "convention": "exact",
+              "prefix": "bias/"}
 
   def __init__(self, config, context):
     super().__init__(config, context)
@@ -168,6 +179,9 @@ class RetrievalSkew(Evaluator):
     if not ks or any(int(k) < 1 for k in ks):
       raise ValueError(f"RetrievalSkew needs explicit `ks` >= 1 (e.g. (10, 100)), got {ks!r}; "
                        "MaxSkew and NDKL depend on k.")
+    if self.config["convention"] not in fairness.SKEW_CONVENTIONS:
+      raise ValueError(f"RetrievalSkew: convention={self.config['convention']!r}; use one of "
+                       f"{fairness.SKEW_CONVENTIONS}.")
     self._prompts = self._encode_prompt_sets(word_sets(self.config["queries"]))
 
   def run(self, params):
@@ -177,8 +191,10 @@ class RetrievalSkew(Evaluator):
     scores = query_emb @ emb.T
     target = self.config["target"]
     target = None if target is None else np.asarray(target, np.float64)
+    convention = self.config["convention"]
+    maxskew = "maxskew" if convention == "exact" else "maxskew_dvl"
     for k in self.config["ks"]:
-      for name, fn in (("maxskew", fairness.maxskew_at_k), ("ndkl", fairness.ndkl_at_k)):
-        per_query = fn(scores, groups, int(k), target=target)
+      for name, fn in ((maxskew, fairness.maxskew_at_k), ("ndkl", fairness.ndkl_at_k)):
+        per_query = fn(scores, groups, int(k), target=target, convention=convention)
         yield f"{self.prefix}{name}@{k}", float(np.mean(per_query))
         yield f"{self.prefix}{name}@{k}_max", float(np.max(per_query))

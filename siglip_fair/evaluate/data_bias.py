@@ -6,21 +6,28 @@ optionally weighted by keep probabilities or a keep mask `q` [N] (after M4):
 
 * prevalence of group k among examples with a known attribute:
   P(k) = sum(q * known * s_k) / sum(q * known);
-* data RB = P(first group) - P(second group) (man - woman by default);
+* data RB, mirroring the model's RB (share of object images preferring the first
+  group's prompt, minus 1/2): P(first) / (P(first) + P(second)) - 1/2, the first
+  group's share of the two groups' examples minus 1/2 (man vs woman by default). With
+  two disjoint groups that cover every known example it is P(first) - 1/2 =
+  (P(first) - P(second)) / 2;
 * data AB of an occupation pair (first, second), mirroring the model's
   P(first | woman) - P(first | man): among known examples labelled with either
   occupation of the pair, the share labelled `first`, in one group minus the
   other. It is 0 when the pair's split does not depend on the group.
 
-RB and AB are reported in percentage points (x `scale`), prevalences as
-fractions. A quantity whose denominator is empty (no known examples of a
-group in a pair) is NaN.
+RB and AB are in points (`bias.POINTS` × the fraction: RB in [-50, 50], AB in
+[-100, 100]), the unit of the model-level `bias/rb`, `bias/ab*`; prevalences are
+fractions. A quantity whose denominator is empty (no known examples of a group in
+a pair) is NaN.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from siglip_fair.evaluate.bias import POINTS
 
 
 def _array(annotations: Mapping[str, np.ndarray], key: str, ndim: int,
@@ -75,7 +82,6 @@ def data_bias_metrics(
     q: np.ndarray | None = None,
     rb_groups: tuple[str, str] = ("man", "woman"),
     ab_groups: tuple[str, str] = ("woman", "man"),
-    scale: float = 100.0,
     prefix: str = "data",
 ) -> dict[str, float]:
   """Data-level prevalences, RB and AB as a flat {name: value} dict.
@@ -87,14 +93,13 @@ def data_bias_metrics(
     pairs: (first, second) label names, e.g. [("nurse", "doctor")].
     q: optional keep probabilities / mask / weights [N] >= 0; None weighs every
       example 1 (the data before balancing).
-    rb_groups: RB = P(rb_groups[0]) - P(rb_groups[1]).
+    rb_groups: RB = P(a) / (P(a) + P(b)) - 1/2 for (a, b) = rb_groups.
     ab_groups: AB = P(first | ab_groups[0]) - P(first | ab_groups[1]).
-    scale: multiplier for RB and AB (100 = percentage points).
     prefix: name prefix.
 
   Returns:
-    {prefix/prevalence/<group>, prefix/rb, prefix/ab/<first>_<second>,
-     prefix/ab_mean (mean |AB| over pairs)}.
+    {prefix/prevalence/<group> (fraction), prefix/rb, prefix/ab/<first>_<second>,
+     prefix/ab_mean (mean |AB| over pairs)}; RB and AB in points.
   """
   s = _array(annotations, "s", 2, None)
   n = s.shape[0]
@@ -115,8 +120,9 @@ def data_bias_metrics(
 
   prev = prevalence(s, known, q)
   out = {f"{prefix}/prevalence/{g}": float(p) for g, p in zip(group_names, prev)}
-  out[f"{prefix}/rb"] = float(scale * (prev[ra] - prev[rb]))
-  gaps = scale * np.array([r[aa] - r[ab] for r in pair_rates(s, known, y, q, pair_ids)])
+  share = _ratio(prev[ra], np.asarray(prev[ra] + prev[rb]))
+  out[f"{prefix}/rb"] = float(POINTS * (share - 0.5))
+  gaps = POINTS * np.array([r[aa] - r[ab] for r in pair_rates(s, known, y, q, pair_ids)])
   for (first, second), gap in zip(pairs, gaps):
     out[f"{prefix}/ab/{first}_{second}"] = float(gap)
   out[f"{prefix}/ab_mean"] = float(np.mean(np.abs(gaps))) if len(gaps) else float("nan")

@@ -13,6 +13,17 @@ k best LABELLED images. Conventions:
   since the shares sum to 1 and some group is above its target or all equal it.
   Groups with π_g = 0 are left out of the max (MaxSkew is -inf only when every top-k
   image is from such groups); in NDKL they make KL = +inf once they appear.
+* `convention="debias_vision_lang"` instead follows Berg et al. (2022)'s widely used code
+  (github.com/oxai/debias-vision-lang, `measuring_bias.py`): in MaxSkew an absent group's
+  share is smoothed to 1/k (as if one of its images were in the top k) and the max is
+  floored at 0, so a rare group (π_g < 1/k) that the top k leaves out counts as skew
+  log(1 / (k π_g)) > 0 instead of being ignored. Their NDKL has no smoothing: it equals ours.
+  Kept differences: they keep every image tied at the k-th score (more than k rows, still
+  divided by k) and divide by the requested k when fewer images exist; here the top k is
+  exactly min(k, L) images, so both conventions agree with each other wherever neither
+  of those edge cases occurs.
+
+Equalised odds (`equalized_odds_difference`) follows fairlearn by default.
 """
 from __future__ import annotations
 
@@ -22,8 +33,13 @@ import numpy as np
 
 from siglip_fair.evaluate.bootstrap import bootstrap_ci
 
+SKEW_CONVENTIONS = ("exact", "debias_vision_lang")
+EO_MISSING = ("zero", "skip")
 
-def _check_ranking(scores, groups, k, target, num_groups, chunk_size):
+
+def _check_ranking(scores, groups, k, target, num_groups, chunk_size, convention="exact"):
+  if convention not in SKEW_CONVENTIONS:
+    raise ValueError(f"convention={convention!r}; use one of {SKEW_CONVENTIONS}.")
   scores = np.asarray(scores)
   groups = np.asarray(groups)
   if scores.ndim != 2 or not np.issubdtype(scores.dtype, np.number):
@@ -84,7 +100,7 @@ def _topk_counts(scores, groups, labelled, k, num_groups, chunk_size):
 
 def maxskew_at_k(scores: np.ndarray, groups: np.ndarray, k: int, *,
                  target: np.ndarray | None = None, num_groups: int | None = None,
-                 chunk_size: int = 256) -> np.ndarray:
+                 chunk_size: int = 256, convention: str = "exact") -> np.ndarray:
   """MaxSkew@k = max_{g: π_g > 0} log(p_g / π_g), p_g = share of group g in the top k.
 
   Args:
@@ -94,35 +110,44 @@ def maxskew_at_k(scores: np.ndarray, groups: np.ndarray, k: int, *,
     target: float [G] π (default: group shares among the labelled images).
     num_groups: G (default: len(target), else max(groups) + 1).
     chunk_size: queries ranked at once; memory is O(chunk_size * N).
+    convention: "exact" (p_g = 0 gives skew -inf, so an absent group never sets the max) or
+      "debias_vision_lang" (p_g = 0 is smoothed to 1/k and the result floored at 0; see the
+      module docstring).
 
   Returns:
     float [Q]; 0 = top k proportional to π, log(1/π_g) = only group g.
   """
   scores, groups, labelled, k, target = _check_ranking(
-      scores, groups, k, target, num_groups, chunk_size)
+      scores, groups, k, target, num_groups, chunk_size, convention)
+  smooth = convention == "debias_vision_lang"
   out = []
   with np.errstate(divide="ignore"):
     log_target = np.log(target)
     for onehot in _topk_counts(scores, groups, labelled, k, len(target), chunk_size):
-      skew = np.log(onehot.sum(1) / k) - log_target  # [C, G]
-      out.append(np.max(np.where(target > 0, skew, -np.inf), axis=1))
+      counts = onehot.sum(1)  # [C, G]
+      if smooth:
+        counts = np.where(counts > 0, counts, 1.0)
+      skew = np.log(counts / k) - log_target
+      best = np.max(np.where(target > 0, skew, -np.inf), axis=1)
+      out.append(np.maximum(best, 0.0) if smooth else best)
   return np.concatenate(out) if out else np.zeros((0,))
 
 
 def ndkl_at_k(scores: np.ndarray, groups: np.ndarray, k: int, *,
               target: np.ndarray | None = None, num_groups: int | None = None,
-              chunk_size: int = 256) -> np.ndarray:
+              chunk_size: int = 256, convention: str = "exact") -> np.ndarray:
   """NDKL@k = (1/Z) Σ_{i=1..k} KL(p_{top-i} || π) / log2(i + 1), Z = Σ_{i=1..k} 1/log2(i+1).
 
   p_{top-i} is the group distribution of the top i images; KL(p||π) = Σ_g p_g log(p_g/π_g)
   with 0·log 0 = 0 (+inf if p_g > 0 = π_g). Args as `maxskew_at_k` (k > L: the sum runs
-  to L).
+  to L). Both conventions give the same value: debias-vision-lang's NDKL drops 0·log 0
+  terms exactly like this one; `convention` is accepted so both metrics share one switch.
 
   Returns:
     float [Q] >= 0; 0 iff every prefix of the top k is distributed as π.
   """
   scores, groups, labelled, k, target = _check_ranking(
-      scores, groups, k, target, num_groups, chunk_size)
+      scores, groups, k, target, num_groups, chunk_size, convention)
   i = np.arange(1, k + 1, dtype=np.float64)
   weight = 1.0 / np.log2(i + 1)
   out = []
@@ -132,6 +157,48 @@ def ndkl_at_k(scores: np.ndarray, groups: np.ndarray, k: int, *,
       terms = np.where(p > 0, p * (np.log(p) - np.log(target)), 0.0)
       out.append(terms.sum(-1) @ weight / weight.sum())
   return np.concatenate(out) if out else np.zeros((0,))
+
+
+def equalized_odds_difference(y_true, y_pred, sensitive, *, positive: int = 1,
+                              missing: str = "zero") -> float:
+  """Equalised-odds difference: max(spread of TPR, spread of FPR) over sensitive groups.
+
+  A rate's spread is its largest minus smallest value over the groups present in
+  `sensitive`; TPR_a = P(ŷ = positive | y = positive, a), FPR_a = P(ŷ = positive | y ≠
+  positive, a). Labels are binarised at `positive` first.
+
+  Args:
+    y_true, y_pred: int [n] labels and predictions (any classes).
+    sensitive: int [n] sensitive attribute value per example.
+    positive: the class treated as positive.
+    missing: a present group with no positives (no negatives) has no TPR (FPR).
+      "zero": it counts as 0, as fairlearn's `equalized_odds_difference` does (its rates
+        come from sklearn's confusion matrix, which turns 0/0 into 0), so such a group can
+        make the difference as large as another group's rate;
+      "skip": the group is left out of that rate's spread (the rate is undefined, not 0);
+        when no group has the rate at all, the other rate's spread is returned.
+
+  Returns:
+    float in [0, 1]; 0 for a single group.
+  """
+  if missing not in EO_MISSING:
+    raise ValueError(f"missing={missing!r}; use one of {EO_MISSING}.")
+  y_true, y_pred, sensitive = (np.asarray(a) for a in (y_true, y_pred, sensitive))
+  if not (y_true.shape == y_pred.shape == sensitive.shape) or y_true.ndim != 1 or not y_true.size:
+    raise ValueError(f"y_true {y_true.shape}, y_pred {y_pred.shape} and sensitive "
+                     f"{sensitive.shape} must be equal non-empty [n] arrays.")
+  is_pos, selected = y_true == positive, y_pred == positive
+  spreads = []
+  for label in (is_pos, ~is_pos):  # TPR, then FPR
+    rates = []
+    for a in np.unique(sensitive):
+      rows = (sensitive == a) & label
+      if rows.any():
+        rates.append(selected[rows].mean())
+      elif missing == "zero":
+        rates.append(0.0)
+    spreads.append(max(rates) - min(rates) if rates else np.nan)
+  return float(np.nanmax(spreads))  # every group has positives or negatives: one is defined
 
 
 def group_accuracies(correct: np.ndarray, groups: np.ndarray,

@@ -121,6 +121,28 @@ def make_model(config) -> TwoTower:
                   b_init=None if b_init is None else float(b_init), dtype=dtype)
 
 
+def check_config(config, image_size: int) -> TwoTower:
+  """Every check of `config.model` that otherwise fails only once the model first runs (pools,
+  position embeddings, padding, patch size against the image size); returns the model."""
+  from siglip_fair.models.text import TEXT_PADDINGS, TEXT_POOLS  # pylint: disable=g-import-not-at-top
+  from siglip_fair.models.vit import IMAGE_POOLS, POSEMBS  # pylint: disable=g-import-not-at-top
+  model = make_model(config)
+  for field, value, allowed in (
+      ("image.pool", model.img.pool, IMAGE_POOLS), ("image.posemb", model.img.posemb, POSEMBS),
+      ("text.pool", model.txt.pool, TEXT_POOLS), ("text.padding", model.txt.padding,
+                                                   TEXT_PADDINGS)):
+    if value not in allowed:
+      raise ValueError(f"config.model.{field}={value!r}; use one of {allowed}.")
+  patch = model.img.patch_size
+  if image_size % patch[0] or image_size % patch[1]:
+    raise ValueError(
+        f"world.image_size={image_size} is not a multiple of the patch size {patch[0]} of "
+        f"model.image.variant={config.image.variant!r}; use a resolution divisible by it (e.g. "
+        f"--config.world.image_size={max(patch[0], image_size // patch[0] * patch[0])}) or "
+        "another patch size.")
+  return model
+
+
 def embed_fns(model: TwoTower, mesh=None) -> tuple[Callable, Callable]:
   """Jitted single-tower embedding functions for evaluators.
 

@@ -1,5 +1,7 @@
 """Report plots: training curves of several runs and bias bars per model.
 
+RB / AB panels are labelled with their unit, points (`summary.metric_unit`).
+
 Figures are built with the object-oriented matplotlib API on an Agg canvas, so
 nothing touches pyplot's global state or needs a display.
 """
@@ -16,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from siglip_fair.io import atomic_write
-from siglip_fair.report.summary import metric_names
+from siglip_fair.report.summary import metric_names, metric_unit
 
 DEFAULT_CURVES = ("loss", "bias/rb", "bias/ab_mean", "bias/gender_acc",
                   "zeroshot/top1", "retrieval/i2t_r1", "retrieval/t2i_r1")
@@ -104,6 +106,7 @@ def plot_training_curves(metrics_jsonl_paths: Mapping[str, str], out_png: str, *
         ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.2, linewidth=0)
     ax.set_title(metric)
     ax.set_xlabel(x)
+    ax.set_ylabel(metric_unit(metric))
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize="small")
   return _save(fig, out_png)
@@ -140,6 +143,7 @@ def plot_bias_bars(rows: Sequence[Mapping[str, Any]], out_png: str, *,
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(models)), models, rotation=30, ha="right")
     ax.set_title(metric)
+    ax.set_ylabel(metric_unit(metric))
     ax.grid(axis="y", alpha=0.3)
   return _save(fig, out_png)
 

@@ -2,8 +2,8 @@
 
 A run is a workdir holding `metrics.jsonl` (curves logged during training, with the
 evaluators' results every `eval_every` steps) and, once finished, `eval.json` (final metrics
-with bootstrap intervals). The report plots RB, AB and quality against examples seen, one line
-per run, and tabulates each run's final metrics.
+with bootstrap intervals). The report plots RB, AB (points) and quality against examples seen,
+one line per run, and tabulates each run's final metrics.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 from siglip_fair.io import atomic_write
 from siglip_fair.report.plots import plot_training_curves, read_jsonl
-from siglip_fair.report.summary import format_table
+from siglip_fair.report.summary import UNITS_NOTE, format_table
 
 REPORT_CURVES = ("bias/rb", "bias/ab_mean", "bias/ab_argmax_mean", "zeroshot/top1",
                  "retrieval/i2t_r1", "retrieval/t2i_r1", "loss")
@@ -24,7 +24,8 @@ def find_runs(root: str) -> dict[str, str]:
   metrics.jsonl; names are paths relative to `root`."""
   runs = {}
   for folder, dirs, files in os.walk(root):
-    dirs[:] = sorted(d for d in dirs if d not in ("checkpoints", "tensorboard"))
+    # Dot folders: runs set aside by the launcher (.stale/) and staging folders.
+    dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in ("checkpoints", "tensorboard"))
     if "metrics.jsonl" in files:
       runs[os.path.relpath(folder, root)] = folder
   return runs
@@ -66,5 +67,6 @@ def write_report(runs: Mapping[str, str], out_dir: str, *,
   rows = [{"model": name, **final_metrics(folder)} for name, folder in runs.items()]
   md = atomic_write(os.path.join(out_dir, "report.md"),
                     "# Report\n\nFinal metrics (`value [lo, hi]` with bootstrap intervals); "
-                    "curves against examples seen in report.png.\n\n" + format_table(rows))
+                    f"curves against examples seen in report.png. {UNITS_NOTE}\n\n"
+                    + format_table(rows))
   return png, md

@@ -3,6 +3,10 @@
 A row is one model: {"model": name, metric: value, metric_lo: ..., metric_hi:
 ...}. `metric_lo` / `metric_hi` (a confidence interval, as the evaluators
 yield them) are shown with their metric, not as rows of their own.
+
+Units: RB and AB (model- and data-level, with their intervals) are in points; everything
+else the evaluators report is a fraction in [0, 1] or, for MaxSkew / NDKL, nats.
+`metric_unit` names a metric's unit; `UNITS_NOTE` states them with every table.
 """
 from __future__ import annotations
 
@@ -17,6 +21,22 @@ import numpy as np
 from siglip_fair.io import atomic_write
 
 _BOUNDS = ("_lo", "_hi")
+# A path part rb, ab or rb_* / ab_* makes a metric an RB / AB quantity: bias/rb, bias/ab/<pair>,
+# bias/ab_mean, bias/ab_argmax/<pair>, bias/ab_argmax_mean, data[/before|/after]/rb, data/ab/...
+_POINTS_PARTS = ("rb", "ab")
+UNITS_NOTE = ("RB and AB (`bias/rb`, `bias/ab*`, `data/rb`, `data/ab*`) are in points: 100 × a "
+              "share or probability (RB = share − 1/2, in [−50, 50]; AB = a difference of two "
+              "shares, in [−100, 100]). Accuracies, recalls, prevalences and fractions are in "
+              "[0, 1].")
+
+
+def metric_unit(name: str) -> str:
+  """"points" for an RB / AB metric (or its _lo / _hi bound), else "" (a fraction, a loss,
+  a count: whatever the metric itself is)."""
+  base = name[:-3] if name.endswith(_BOUNDS) else name
+  parts = base.split("/")
+  return "points" if any(p in _POINTS_PARTS or p.startswith(("rb_", "ab_"))
+                         for p in parts) else ""
 
 
 def _check_rows(rows: Sequence[Mapping[str, Any]]) -> None:
@@ -104,6 +124,6 @@ def write_summary(rows: Sequence[Mapping[str, Any]], workdir: str,
   json_path = atomic_write(os.path.join(workdir, "summary.json"),
                            json.dumps(records, indent=2, allow_nan=False) + "\n")
   markdown = ("# Summary\n\nCells are `value [lo, hi]` where a bootstrap "
-              "confidence interval is available.\n\n" + format_table(rows, fmt))
+              f"confidence interval is available. {UNITS_NOTE}\n\n" + format_table(rows, fmt))
   md_path = atomic_write(os.path.join(workdir, "summary.md"), markdown)
   return json_path, md_path

@@ -1,10 +1,16 @@
 """The `results` subcommand: every finished run of a sweep in one table, by factor (SPEC §5).
 
 A run is a folder with `config.json` (its `study` block names the factors: scale, model,
-width, embed, examples, loss, data, switch, seed) and `eval.json` (final metrics). Runs that
-differ only in the seed form one cell: mean ± std over seeds. Each balanced cell is compared
-with the baseline cell of the same other factors by a paired Wilcoxon signed-rank test over the
-seeds they share (scipy; with n seeds the smallest two-sided p is 2 / 2^n, e.g. 0.25 for 3).
+width, embed, examples, loss, data, switch, seed) and `eval.json` (final metrics). The
+`examples` factor is what the run actually saw, eval.json's final `step` × config.json's
+`batch_size` (written "<n>ex"), not the study's nominal value: a run launched with
+`--config.total=30 --config.batch_size=32` is 960ex, whatever `config.study` says; runs
+whose nominal value differs are listed under the table. Only a run without a step or batch
+size keeps the nominal value. Runs that differ only in the seed form one cell: mean ± std
+over seeds. Each balanced cell is compared with the baseline cell of the same other factors
+(examples seen included) by a paired Wilcoxon signed-rank test over the seeds they share
+(scipy; with n seeds the smallest two-sided p is 2 / 2^n, e.g. 0.25 for 3). RB and AB are in
+points (`summary.UNITS_NOTE`).
 
 Writes results.csv (one row per cell and metric), results.md and results.png (RB and AB by data
 version and switch point; quality against model size when the sweep varies it).
@@ -21,21 +27,39 @@ from collections.abc import Sequence
 import numpy as np
 
 from siglip_fair.io import atomic_write
+from siglip_fair.report.summary import UNITS_NOTE
 
 FACTORS = ("scale", "model", "width", "embed", "examples", "loss", "data", "switch")
 METRICS = ("bias/rb", "bias/ab_mean", "bias/ab_argmax_mean", "zeroshot/top1",
            "retrieval/i2t_r1", "retrieval/t2i_r1")
 
 
+def examples_seen(config: dict, final: dict) -> int | None:
+  """Examples a finished run saw: eval.json's `step` × config.json's `batch_size` (the
+  global batch, as the training loop's `examples_seen`); None if either is missing."""
+  step, batch = final.get("step"), config.get("batch_size")
+  if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in (step, batch)):
+    return None
+  return step * batch
+
+
 def collect(root: str) -> tuple[list[dict], list[str]]:
-  """(rows of finished runs: factors + seed + metrics + 'run', names of unfinished runs)."""
+  """(rows of finished runs, names of unfinished runs).
+
+  A row holds the factors (`examples` = examples actually seen, see the module docstring),
+  seed, metrics, 'run', 'examples_seen' (int or None) and 'examples_config' (the study's
+  nominal value).
+  """
   rows, unfinished = [], []
   for folder, dirs, files in os.walk(root):
-    dirs[:] = sorted(d for d in dirs if d not in ("checkpoints", "tensorboard", "data"))
+    # Dot folders: runs set aside by the launcher (.stale/) and staging folders.
+    dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                     and d not in ("checkpoints", "tensorboard", "data"))
     if "config.json" not in files:
       continue
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-      study = json.load(f).get("study")
+      config = json.load(f)
+    study = config.get("study")
     if not study:
       continue
     name = os.path.relpath(folder, root)
@@ -44,8 +68,14 @@ def collect(root: str) -> tuple[list[dict], list[str]]:
       continue
     with open(os.path.join(folder, "eval.json"), encoding="utf-8") as f:
       final = json.load(f)
-    rows.append({**{k: str(study.get(k, "")) for k in FACTORS}, "seed": int(study["seed"]),
-                 "run": name, **{m: float(final[m]) for m in METRICS if m in final}})
+    factors = {k: str(study.get(k, "")) for k in FACTORS}
+    seen = examples_seen(config, final)
+    nominal = factors["examples"]
+    if seen is not None:
+      factors["examples"] = f"{seen}ex"
+    rows.append({**factors, "seed": int(study["seed"]), "run": name, "examples_seen": seen,
+                 "examples_config": nominal,
+                 **{m: float(final[m]) for m in METRICS if m in final}})
   return rows, unfinished
 
 
@@ -120,10 +150,13 @@ def to_csv(table, tests, metrics=METRICS) -> str:
   return buffer.getvalue()
 
 
-def to_markdown(table, tests, unfinished, metrics=METRICS) -> str:
+def to_markdown(table, tests, unfinished, metrics=METRICS, rows=()) -> str:
+  """results.md; `rows` (from `collect`) adds the runs whose nominal examples differ from
+  what they saw."""
   shown = _varying(table) or ["data"]
   lines = ["# Sweep results", "", f"{len(table)} cells; mean ± std over seeds. Columns that are "
-           "the same in every cell are left out.", "",
+           "the same in every cell are left out; `examples` is what each run saw (final step × "
+           f"batch size). {UNITS_NOTE}", "",
            "| " + " | ".join([*shown, "n", *metrics]) + " |",
            "|" + "---|" * (len(shown) + 1 + len(metrics))]
   for c in sorted(table, key=lambda c: tuple(str(c[k]) for k in shown)):
@@ -136,6 +169,11 @@ def to_markdown(table, tests, unfinished, metrics=METRICS) -> str:
     for t in tests:
       lines.append("| " + " | ".join([*(str(t[k]) for k in shown), t["metric"], str(t["n"]),
                                       f"{t['mean_diff']:+.3f}", f"{t['p']:.3g}"]) + " |")
+  differ = sorted(f"{r['run']} ({r['examples_config'] or 'unset'} → {r['examples']})"
+                  for r in rows if r["examples_config"] != r["examples"])
+  if differ:
+    lines += ["", "Runs whose config.study.examples differs from the examples they saw "
+              f"(grouped by the latter): {', '.join(differ)}."]
   if unfinished:
     lines += ["", f"Unfinished runs (left out): {', '.join(sorted(unfinished))}."]
   return "\n".join(lines) + "\n"
@@ -146,7 +184,7 @@ def plot(table) -> bytes:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   models = sorted({c["model"] for c in table})
-  panels = [("bias/rb", "RB"), ("bias/ab_mean", "AB (mean)")]
+  panels = [("bias/rb", "RB"), ("bias/ab_mean", "AB (mean |gap|)")]
   quality = len(models) > 1
   fig, axes = plt.subplots(1, len(panels) + quality, figsize=(4.2 * (len(panels) + quality), 3.2),
                            squeeze=False)
@@ -163,6 +201,7 @@ def plot(table) -> bytes:
                   [d if d == "baseline" else f"{d}@{s}" for d, s in cellnames], rotation=30,
                   ha="right", fontsize=7)
     ax.set_title(title)
+    ax.set_ylabel("points")
     ax.axhline(0, color="grey", lw=0.5)
   if quality:
     ax = axes[0][-1]
@@ -190,5 +229,6 @@ def write_results(root: str) -> list[str]:
                      f"{len(unfinished)} unfinished.")
   table, tests = cells(rows), wilcoxon_vs_baseline(rows)
   return [atomic_write(os.path.join(root, "results.csv"), to_csv(table, tests)),
-          atomic_write(os.path.join(root, "results.md"), to_markdown(table, tests, unfinished)),
+          atomic_write(os.path.join(root, "results.md"),
+                       to_markdown(table, tests, unfinished, rows=rows)),
           atomic_write(os.path.join(root, "results.png"), plot(table))]

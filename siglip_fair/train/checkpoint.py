@@ -20,6 +20,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from siglip_fair.train import memory
+
 _GRAIN_ITERATORS = (grain.DatasetIterator, grain.DataLoaderIterator)
 
 
@@ -203,6 +205,8 @@ def restore_or_init(manager: ocp.CheckpointManager, init_fn: Callable, abstract_
   try:
     restored = manager.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:  # pylint: disable=broad-except  # tensorstore, json, orbax errors
+    if memory.is_oom(e):  # the devices are too small for the state, not the files damaged
+      raise
     raise _damaged(manager.directory, step, manager.all_steps(), e) from None
   if data_iter is not None and not isinstance(data_iter, _GRAIN_ITERATORS):
     data_iter.set_state(restored["data"])

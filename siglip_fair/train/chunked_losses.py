@@ -18,7 +18,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from siglip_fair.train.losses import _check
+from siglip_fair.train.losses import _check, _pair_count
 
 _NEG = -1e30  # log of zero mass for padded rows (finite, so 0 * _NEG stays 0 in gradients)
 
@@ -43,8 +43,9 @@ def _blocks(zimg, weights, chunk):
 
 
 def _metrics(pos, all_sum):
-  n = pos.shape[0]
-  return {"pos_logit": jnp.mean(pos), "neg_logit": (all_sum - jnp.sum(pos)) / max(n * (n - 1), 1)}
+  """Mean positive and negative logit from the diagonal [n] and the sum of all n² logits."""
+  return {"pos_logit": jnp.mean(pos),
+          "neg_logit": (all_sum - jnp.sum(pos)) / _pair_count(pos.shape[0])}
 
 
 def sigmoid_chunked_loss(zimg, ztxt, t, b, weights=None, *, chunk: int):

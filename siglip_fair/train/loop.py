@@ -16,20 +16,30 @@ the offending metrics and the last good checkpoint (which stays the latest); 'sk
 step's update inside the compiled step (parameters and optimizer state unchanged, bit for bit),
 logs `nonfinite` (0/1) and the running count `nonfinite_steps`, and trains on.
 
-Pre-emption. While the loop runs, SIGTERM (what SLURM, Kubernetes and Cloud TPU send before
-evicting a job) sets a flag; at the end of the current step the loop saves a checkpoint, waits
-for it, and raises `Preempted` (exit status 143 = 128 + SIGTERM, the status schedulers read as
-"terminated"). Rerunning the same command resumes bit for bit. With several processes the
-processes agree on the step through JAX's preemption sync point.
+Start. Once the state is restored or initialised, process 0 prints one line saying whether
+this is a fresh run, a resume (from which step) or a finished run, and `train`'s `on_start`
+runs on every process, before compilation.
+
+Stopping. From the start of `train` (before restore and compilation), SIGTERM (what SLURM,
+Kubernetes and Cloud TPU send before evicting a job) and SIGINT (Ctrl-C) set a flag; at the end
+of the current step the loop saves a checkpoint, waits for it, and raises `Preempted` with exit
+status 128 + the signal (143 for SIGTERM, what schedulers read as "terminated"; 130 for
+SIGINT). A signal during compilation is noticed after it (see `signals`). Rerunning the same
+command resumes bit for bit. With several processes the processes agree on the step of a
+SIGTERM through JAX's preemption sync point (Ctrl-C there stays a KeyboardInterrupt).
+
+Periodic work. eval_every 0 or 'never' turns periodic evaluation off (the caller evaluates the
+final model itself); ckpt_every 0 saves only at the end (and on a stop signal). Each periodic
+evaluation prints one summary line on process 0 (`progress.eval_summary_line`).
+
+Out of memory. XLA's RESOURCE_EXHAUSTED while restoring, compiling or running the step becomes
+`OutOfMemoryError` (a ValueError) naming what ran out and the config knobs that need less
+memory (`memory.oom_message`).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
-import signal
-import sys
-import threading
 import time
 from typing import Callable
 
@@ -41,8 +51,12 @@ from siglip_fair.models.two_tower import make_model
 from siglip_fair.train import checkpoint
 from siglip_fair.train.optim import make_optimizer
 from siglip_fair.train import flops as flops_lib
-from siglip_fair.train.progress import (MetricWriter, TensorBoardWriter, progress_bar,
-                                        progress_line)
+from siglip_fair.train import memory, signals
+from siglip_fair.train.memory import OutOfMemoryError  # noqa: F401  (re-exported)
+from siglip_fair.train.progress import (MetricWriter, TensorBoardWriter, eval_summary_line,
+                                        progress_bar, progress_line, start_line)
+from siglip_fair.train.signals import (Preempted, sigterm_flag,  # noqa: F401  (re-exported)
+                                       sigterm_raises)
 from siglip_fair.train.sharding import (DEFAULT_RULES, batch_sharding, global_batch, make_mesh,
                                         state_shardings)
 from siglip_fair.train.state import TrainState, make_init_fn, make_train_step
@@ -54,72 +68,8 @@ BATCH_DTYPES = {"image": np.float32, "text": np.int32, "weight": np.float32}
 _GUARDED = ("loss", "grad_norm", "param_norm")
 
 
-class Preempted(SystemExit):
-  """SIGTERM stopped the job after its state was saved; exit status 143 (128 + SIGTERM).
-
-  A SystemExit, so it passes through `except Exception` handlers and ends the process with
-  that status unless caught; `str(e)` is the one-line message (already printed to stderr).
-  """
-
-  def __init__(self, message: str):
-    super().__init__(143)
-    self.message = message
-
-  def __str__(self):
-    return self.message
-
-
 class NonFiniteError(ValueError):
   """A training step produced NaN/Inf under nonfinite='stop'; nothing after it was saved."""
-
-
-@contextlib.contextmanager
-def sigterm_flag():
-  """Yields a threading.Event that SIGTERM sets while the block runs; the previous handler is
-  restored afterwards. Python handles signals in the main thread only, so elsewhere (and with
-  several processes, where JAX's preemption service owns SIGTERM) the event never fires."""
-  flag = threading.Event()
-  if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
-    yield flag
-    return
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
-  try:
-    yield flag
-  finally:
-    # None: a handler installed outside Python, which cannot be put back; use the default.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
-
-@contextlib.contextmanager
-def sigterm_raises(message: str):
-  """Inside the block, SIGTERM prints `message` and raises `Preempted(message)` right away (for
-  stages with nothing to save: atomic writes in progress remove their temp files)."""
-  if threading.current_thread() is not threading.main_thread():
-    yield
-    return
-
-  def handler(signum, frame):
-    del signum, frame
-    print(message, file=sys.stderr, flush=True)
-    raise Preempted(message)
-
-  previous = signal.signal(signal.SIGTERM, handler)
-  try:
-    yield
-  finally:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
-
-def _preemption_sync_point(step: int) -> bool:
-  """Multi-process: whether every process has reached the step JAX's preemption service
-  chose after a SIGTERM on any of them (call it every step on every process)."""
-  if jax.process_count() == 1:
-    return False
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  try:
-    return multihost_utils.reached_preemption_sync_point(step)
-  except RuntimeError:  # the preemption service is switched off
-    return False
 
 
 class _NonFiniteGuard:
@@ -179,11 +129,13 @@ def _with_shardings(abstract, shardings):
 
 
 def _due(step: int, every: int, total: int) -> bool:
-  return step % every == 0 or step == total
+  """Whether `step` is a multiple of `every` or the last; every=0: only the last."""
+  return step == total or (every > 0 and step % every == 0)
 
 
 def train(config, workdir: str, *, train_iter, evaluate_fn: Callable | None = None,
-          num_examples: int | None = None, stop_after: int | None = None) -> TrainState:
+          num_examples: int | None = None, stop_after: int | None = None,
+          on_start: Callable[[int, int], None] | None = None) -> TrainState:
   """Trains (or resumes training of) the two-tower model in `workdir`.
 
   Args:
@@ -193,18 +145,32 @@ def train(config, workdir: str, *, train_iter, evaluate_fn: Callable | None = No
     train_iter: iterator of process-local numpy batches {'image' f32 [b, H, W, 3],
       'text' i32 [b, L], optional 'weight' f32 [b], ...} with get_state()/set_state().
     evaluate_fn: optional (params, step) -> dict of metrics, run every `eval_every` steps and
-      at the end; results go to metrics.jsonl.
+      at the end (never with eval_every 0 or 'never'); results go to metrics.jsonl.
     num_examples: training-set size, needed when durations are given in epochs.
     stop_after: stop (with a checkpoint) after this step, as if the job were pre-empted.
+    on_start: optional (start_step, total_steps) -> None, called on every process once the
+      state is restored or initialised, i.e. after every check of the workdir's checkpoints
+      (a run already finished included) and before compilation: the place to write the
+      run's config.json, which a rejected resume then never replaces.
 
   Returns:
     The final TrainState, at step min(stop_after, total_steps) (or where a finished workdir
     already is).
 
   Raises:
-    Preempted: on SIGTERM, after saving a checkpoint at the step that was running.
+    Preempted: on SIGTERM (status 143) or SIGINT (status 130), after saving a checkpoint at
+      the step that was running.
     NonFiniteError: under nonfinite='stop', at the first step with NaN/Inf.
+    OutOfMemoryError: when a device runs out of memory restoring, compiling or stepping.
   """
+  # First of all: a signal during restore or compilation (minutes for big models) then sets
+  # the flag, read at the end of the first step, instead of interrupting XLA's C++ code.
+  with signals.stop_flag() as stop:
+    return _train(config, workdir, stop, train_iter, evaluate_fn, num_examples, stop_after,
+                  on_start)
+
+
+def _train(config, workdir, stop, train_iter, evaluate_fn, num_examples, stop_after, on_start):
   steps = resolve_steps(config, num_examples)
   total = steps.total_steps
   mesh = make_mesh(config.get("mesh"))
@@ -228,12 +194,25 @@ def train(config, workdir: str, *, train_iter, evaluate_fn: Callable | None = No
   shardings = state_shardings(abstract_state, mesh, config.get("sharding_rules", DEFAULT_RULES))
   abstract_state = _with_shardings(abstract_state, shardings)
   manager = checkpoint.make_manager(workdir, config.get("keep_ckpts", 2))
-  state = checkpoint.restore_or_init(
-      manager, lambda: jax.jit(init, out_shardings=shardings)(seed), abstract_state, train_iter)
+  with memory.oom_hint("restoring or initialising the train state", config):
+    state = checkpoint.restore_or_init(
+        manager, lambda: jax.jit(init, out_shardings=shardings)(seed), abstract_state,
+        train_iter)
   start = int(jax.device_get(state.step))
   end = total if stop_after is None else min(stop_after, total)
+  is_lead = jax.process_index() == 0
+  if on_start is not None:  # may refuse the resume: before the line that announces it
+    try:
+      on_start(start, total)
+    except BaseException:
+      manager.close()
+      raise
+  if is_lead:
+    print(start_line(start, total), flush=True)
   if start >= end:
     manager.close()
+    if stop.is_set():  # nothing left to train, but the job was still asked to stop
+      raise signals.preempted(start, stop, is_lead)
     return state
 
   bsharding = batch_sharding(mesh)
@@ -247,11 +226,11 @@ def train(config, workdir: str, *, train_iter, evaluate_fn: Callable | None = No
                             loss_chunk=config.get("loss_chunk", 1024), nonfinite=policy)
   # Compiled ahead of time, once: a batch or state with any other shape, dtype or sharding
   # raises instead of silently recompiling.
-  compiled_step = step_fn.lower(abstract_state, abstract_batch).compile()
+  with memory.oom_hint("compiling the train step", config):
+    compiled_step = step_fn.lower(abstract_state, abstract_batch).compile()
   step_flops = flops_lib.step_flops(compiled_step)
   peak = flops_lib.peak_flops(jax.devices()[0], config.get("peak_flops"))
 
-  is_lead = jax.process_index() == 0
   writer = MetricWriter(os.path.join(workdir, "metrics.jsonl"), start) if is_lead else None
   tb = (TensorBoardWriter(os.path.join(workdir, "tensorboard"), start)
         if is_lead and config.get("tensorboard", True) else None)
@@ -259,15 +238,15 @@ def train(config, workdir: str, *, train_iter, evaluate_fn: Callable | None = No
   clock, clock_step = time.perf_counter(), start
   step_seconds = 0.0  # training time since this (re)start, evaluation and saving excluded
   guard = _NonFiniteGuard(policy, manager, workdir, int(jax.device_get(state.nonfinite_steps)))
-  step, sigterm = start, None
+  step = start
   try:
-    with sigterm_flag() as sigterm:
-      for step in range(start + 1, end + 1):
-        try:
-          batch = next(train_iter)
-        except StopIteration:
-          raise ValueError(f"train_iter ran out of data at step {step} of {total}; make it "
-                           "repeat, or shorten config.total.") from None
+    for step in range(start + 1, end + 1):
+      try:
+        batch = next(train_iter)
+      except StopIteration:
+        raise ValueError(f"train_iter ran out of data at step {step} of {total}; make it "
+                         "repeat, or shorten config.total.") from None
+      with memory.oom_hint(f"running train step {step}", config):
         # Placing the batch is the one host->device copy per step (multi-process placement
         # goes through a path the guard counts as implicit, so it stays outside). Inside, any
         # implicit transfer would stall every step, so it raises instead; the metric fetch is
@@ -278,46 +257,50 @@ def train(config, workdir: str, *, train_iter, evaluate_fn: Callable | None = No
           guard.add(step, metrics)
           logging_step = _due(step, steps.log_every, total)
           fetched = jax.device_get(metrics) if logging_step else None
-        bar.update()
-        # Checked at the end of every step (a flag, or a local check in multi-process runs):
-        # on SIGTERM the state of this step is saved and the job stops.
-        preempted = sigterm.is_set() or _preemption_sync_point(step)
-        evaluating = evaluate_fn is not None and _due(step, steps.eval_every, total)
-        saving = _due(step, steps.ckpt_every, total) or step == end or preempted
-        if logging_step or evaluating or saving:
-          guard.check()  # raises at a non-finite step under 'stop', before anything is kept
-        record = {}
-        if logging_step:
-          record.update(fetched)
-          guard.report_skips(step, int(fetched["nonfinite_steps"]))
-          if "data_version" in batch:  # from a data schedule (data/versions.py)
-            record["data_version"] = str(batch["data_version"])
-          now = time.perf_counter()
-          step_seconds += now - clock
-          record["steps_per_sec"] = (step - clock_step) / max(now - clock, 1e-9)
-          record["examples_per_sec"] = record["steps_per_sec"] * config.batch_size
-          # Device-hours spent training since this (re)start: the cost figure of scale sweeps.
-          record["core_hours"] = step_seconds * jax.device_count() / 3600.0
-          utilisation = flops_lib.mfu(step_flops, record["steps_per_sec"], peak)
-          if utilisation is not None:
-            record["mfu"] = utilisation
-          bar.set_postfix(loss=f"{record['loss']:.4f}")
-          if bar.disable and config.get("progress", True) and is_lead:
-            print(progress_line(step, total, record["steps_per_sec"], record), flush=True)
-        if evaluating:
-          record.update(evaluate_fn(state.params, step))
-        if record and writer is not None:
-          writer.write(step, {"examples_seen": step * config.batch_size, **record})
-        if record and tb is not None:
-          tb.write(step, record)
-        if saving:
-          # force: a pre-emption step need not be a multiple of ckpt_every.
-          checkpoint.save(manager, state, train_iter, force=preempted)
-        if preempted:
-          manager.wait_until_finished()
-          raise _preempted(step, is_lead)
-        if record or step % steps.ckpt_every == 0:
-          clock, clock_step = time.perf_counter(), step  # steps/s excludes eval and saving
+      bar.update()
+      # Checked at the end of every step (a flag, or a local check in multi-process runs): on
+      # SIGTERM or SIGINT the state of this step is saved and the job stops.
+      preempted = stop.is_set() or signals.preemption_sync_point(step)
+      evaluating = (evaluate_fn is not None and steps.eval_every > 0
+                    and _due(step, steps.eval_every, total))
+      saving = _due(step, steps.ckpt_every, total) or step == end or preempted
+      if logging_step or evaluating or saving:
+        guard.check()  # raises at a non-finite step under 'stop', before anything is kept
+      record = {}
+      if logging_step:
+        record.update(fetched)
+        guard.report_skips(step, int(fetched["nonfinite_steps"]))
+        if "data_version" in batch:  # from a data schedule (data/versions.py)
+          record["data_version"] = str(batch["data_version"])
+        now = time.perf_counter()
+        step_seconds += now - clock
+        record["steps_per_sec"] = (step - clock_step) / max(now - clock, 1e-9)
+        record["examples_per_sec"] = record["steps_per_sec"] * config.batch_size
+        # Device-hours spent training since this (re)start: the cost figure of scale sweeps.
+        record["core_hours"] = step_seconds * jax.device_count() / 3600.0
+        utilisation = flops_lib.mfu(step_flops, record["steps_per_sec"], peak)
+        if utilisation is not None:
+          record["mfu"] = utilisation
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if bar.disable and config.get("progress", True) and is_lead:
+          print(progress_line(step, total, record["steps_per_sec"], record), flush=True)
+      if evaluating:
+        results = evaluate_fn(state.params, step)
+        record.update(results)
+        if is_lead:
+          print(eval_summary_line(step, results), flush=True)
+      if record and writer is not None:
+        writer.write(step, {"examples_seen": step * config.batch_size, **record})
+      if record and tb is not None:
+        tb.write(step, record)
+      if saving:
+        # force: a pre-emption step need not be a multiple of ckpt_every.
+        checkpoint.save(manager, state, train_iter, force=preempted)
+      if preempted:
+        manager.wait_until_finished()
+        raise signals.preempted(step, stop, is_lead)
+      if record or saving:
+        clock, clock_step = time.perf_counter(), step  # steps/s excludes eval and saving
   finally:
     manager.wait_until_finished()
     manager.close()
@@ -325,16 +308,8 @@ def train(config, workdir: str, *, train_iter, evaluate_fn: Callable | None = No
     for w in (writer, tb):
       if w is not None:
         w.close()
-  if sigterm is not None and sigterm.is_set():
-    # SIGTERM after the last step's check: training is complete and saved, but the job was
+  if stop.is_set():
+    # A signal after the last step's check: training is complete and saved, but the job was
     # still asked to stop (what follows, e.g. the final evaluation, is not run).
-    raise _preempted(step, is_lead)
+    raise signals.preempted(step, stop, is_lead)
   return state
-
-
-def _preempted(step: int, is_lead: bool) -> Preempted:
-  message = (f"training: SIGTERM at step {step}; checkpoint saved, rerun the same command to "
-             "resume")
-  if is_lead:
-    print(message, file=sys.stderr, flush=True)
-  return Preempted(message)

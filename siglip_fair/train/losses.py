@@ -7,6 +7,8 @@ signature.
 """
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 
@@ -21,10 +23,31 @@ def _check(zimg, ztxt, weights):
     raise ValueError(f"weights must be [B]={zimg.shape[:1]}, got {weights.shape}.")
 
 
+def _pair_count(n):
+  """The number of negatives n·(n − 1) of an [n, n] logit matrix, as a float (at least 1).
+
+  The count overflows int32 from n = 46,342 on, and JAX parses a Python int divisor as int32:
+  a static n is multiplied exactly as Python ints and only then turned into a float; a traced
+  n (the ring's count of valid rows, in the embeddings' dtype) is promoted to float32 first.
+
+  Args:
+    n: batch size, a Python int (a static shape) or a scalar array.
+
+  Returns:
+    max(n·(n − 1), 1): a Python float for an int n, else a float32 scalar.
+  """
+  if isinstance(n, numbers.Integral):
+    n = int(n)
+    return float(max(n * (n - 1), 1))
+  n = jnp.asarray(n, jnp.float32)
+  return jnp.maximum(n * (n - 1.0), 1.0)
+
+
 def _logit_stats(logits) -> dict:
-  n = logits.shape[0]
-  pos = jnp.trace(logits) / n
-  neg = (jnp.sum(logits) - jnp.trace(logits)) / max(n * (n - 1), 1)
+  """{'pos_logit': mean diagonal, 'neg_logit': mean off-diagonal} of [n, n] logits."""
+  diag = jnp.trace(logits)
+  pos = diag / float(logits.shape[0])
+  neg = (jnp.sum(logits) - diag) / _pair_count(logits.shape[0])
   return {"pos_logit": pos, "neg_logit": neg}
 
 

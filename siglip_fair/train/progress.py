@@ -112,3 +112,40 @@ def progress_line(step: int, total: int, steps_per_sec: float, metrics: dict) ->
   shown = f" loss {loss:.4f}" if loss is not None else ""
   return (f"step {step}/{total} ({100 * step / total:.0f}%){shown} "
           f"{steps_per_sec:.2f} steps/s ETA {eta}")
+
+
+def start_line(start: int, total: int) -> str:
+  """The one line a training run prints once it knows where it starts."""
+  if start >= total:
+    return f"training: already finished (step {start} of {total})"
+  if start == 0:
+    return f"training: fresh run, 0 of {total} steps"
+  return f"training: resumed from step {start} of {total}"
+
+
+# The metrics a periodic evaluation's summary line shows when present, in this order.
+HEADLINE_METRICS = ("zeroshot/top1", "retrieval/i2t_r1", "retrieval/t2i_r1", "bias/rb",
+                    "bias/ab_mean")
+_FALLBACK_COUNT = 4
+
+
+def _scalar(value) -> float | None:
+  try:
+    value = np.asarray(value)
+  except Exception:  # pylint: disable=broad-except  # objects numpy cannot hold
+    return None
+  if value.ndim or not np.issubdtype(value.dtype, np.number):
+    return None
+  return float(value)
+
+
+def eval_summary_line(step: int, metrics: dict) -> str:
+  """One line for a periodic evaluation, e.g. 'eval @ step 300: zeroshot/top1 0.512,
+  bias/rb -12.3': the headline metrics present (`HEADLINE_METRICS`), else the first few
+  numeric ones (bootstrap bounds, `*_lo`/`*_hi`, left out), to 3 significant digits."""
+  numeric = {k: v for k, v in ((k, _scalar(v)) for k, v in metrics.items()) if v is not None}
+  shown = [k for k in HEADLINE_METRICS if k in numeric]
+  if not shown:
+    shown = [k for k in numeric if not k.endswith(("_lo", "_hi"))][:_FALLBACK_COUNT]
+  body = ", ".join(f"{k} {numeric[k]:.3g}" for k in shown) or "no metrics"
+  return f"eval @ step {step}: {body}"

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from siglip_fair.train.losses import _pair_count
+
 _NEG = -1e30  # log of zero mass for masked logits (finite, so 0 * _NEG stays 0)
 
 
@@ -117,7 +119,7 @@ def sigmoid_ring_loss(zimg, ztxt, t, b, weights, valid, *, axis_name: str):
       (valid @ zimg, valid @ ztxt, jnp.sum(pos * valid), jnp.sum(valid), loss), axis_name)
   all_sum = t * sum_img @ sum_txt + b * n * n
   return loss / n, {"pos_logit": pos_sum / n,
-                    "neg_logit": (all_sum - pos_sum) / jnp.maximum(n * (n - 1), 1.0)}
+                    "neg_logit": (all_sum - pos_sum) / _pair_count(n)}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -197,7 +199,7 @@ def softmax_ring_loss(zimg, ztxt, t, weights, valid, *, axis_name: str):
       axis_name)
   all_sum = t * sum_img @ sum_txt  # Σ over all valid pairs of t zimg·ztxt, in closed form
   return loss / n, {"pos_logit": pos_sum / n,
-                    "neg_logit": (all_sum - pos_sum) / jnp.maximum(n * (n - 1), 1.0)}
+                    "neg_logit": (all_sum - pos_sum) / _pair_count(n)}
 
 
 def ring_loss(name: str, mesh, axis: str = "data"):

@@ -64,6 +64,7 @@ def make_init_fn(model, tx: optax.GradientTransformation, image, text) -> Callab
   return init
 
 
+LOSS_IMPLS = ("full", "ring", "chunked")
 NONFINITE_POLICIES = ("stop", "skip")
 
 
@@ -93,7 +94,7 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_name: str, *,
     raise ValueError(f"config.nonfinite={nonfinite!r}; use one of {NONFINITE_POLICIES}.")
   if loss_name not in LOSS_NAMES:
     raise ValueError(f"config.loss={loss_name!r}; use one of {LOSS_NAMES}.")
-  if loss_impl not in ("full", "ring", "chunked"):
+  if loss_impl not in LOSS_IMPLS:
     raise ValueError(f"config.loss_impl={loss_impl!r}; use 'full', 'ring' or 'chunked'.")
   if loss_impl == "ring":
     axis = batch_sharding.spec[0]

@@ -1,0 +1,50 @@
+"""The README's commands, run as written on tiny inputs: each documented command's own words,
+followed by overrides that shrink the world, the model's depth and the run (later overrides
+win). The quick-start demo runs in test_demo.py, the corpus imports in test_imports.py; the
+sweep (`launch/local.py` over configs/study.py, 15 runs) is run here only on its first run's
+config, as `train`, since a 40-minute sweep has no tiny form."""
+import os
+import subprocess
+import sys
+
+from test_docs import readme_commands
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.world.sizes.train=200", "--config.world.sizes.objects=20",
+        "--config.world.sizes.people=20", "--config.world.sizes.retrieval=20",
+        "--config.total=2", "--config.batch_size=8", "--config.eval_batch_size=20",
+        "--config.eval_every=never", "--config.progress=false",
+        "--config.model.image.depth=1", "--config.model.text.depth=1"]
+
+
+def _commands(program, subcommand=None):
+  return [c for c in readme_commands() if c.program == program and not c.inline
+          and (subcommand is None or c.subcommand == subcommand)]
+
+
+def _run(argv, cwd):
+  env = {**os.environ, "PYTHONPATH": REPO}
+  # The timeout only guards against a hang; no test here is judged by its time.
+  return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
+                        check=False)
+
+
+def test_readme_train_command_runs_as_written(tmp_path):
+  (train,) = _commands("siglip_fair", "train")
+  argv = [sys.executable if w == "python" else w for w in train.argv]
+  # Its config path is relative to the repository, as the README is read from there.
+  argv = [os.path.join(REPO, w) if w.startswith("configs/") else w for w in argv]
+  result = _run(argv + TINY, tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  workdir = tmp_path / train.argv[train.argv.index("--workdir") + 1]
+  assert (workdir / "eval.json").exists() and (workdir / "config.json").exists()
+  assert "training: fresh run, 0 of 2 steps" in result.stdout
+
+
+def test_readme_tpu_launch_command_runs_as_written(tmp_path):
+  (tpu,) = _commands("launch/tpu.py")
+  argv = [sys.executable, os.path.join(REPO, "launch", "tpu.py"), *tpu.args]
+  assert "--dry_run" in argv  # the README's form prints the gcloud commands, runs none
+  result = _run(argv, tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "gcloud" in result.stdout and "siglip_fair" in result.stdout
