@@ -117,3 +117,19 @@ def test_folder_fingerprint_skips_the_data_dir_inside_it(tmp_path):
   (data_dir / "pairs" / "written.json").write_text("{}")
   assert imports.fingerprint("folder", [folder], SIZE, skip=str(data_dir)) == first
   assert imports.fingerprint("folder", [folder], SIZE) != first
+
+
+def test_reimported_training_corpus_is_new_training_data(tmp_path, capsys):
+  """A corpus re-imported with other pairs is other training data for every later stage: its
+  identity (which the balance and run fingerprints hold) and its tokenizer's name change."""
+  from siglip_fair import config as cfglib, study  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path / "tfds")
+  path, _, _ = _import(_folder(tmp_path / "a", ["apple", "apricot"], seed=0), data_dir, capsys)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cfg = cfglib.get_config(os.path.join(repo, "configs", "siglip.py"))
+  cfg.train_data = path
+  first = study.train_data_identity(cfg)
+  assert study.train_data_identity(cfg) == first  # stable while the corpus is
+  _import(_folder(tmp_path / "b", ["banana", "blueberry"], seed=1), data_dir, capsys)
+  second = study.train_data_identity(cfg)
+  assert second != first and second["import"] == first["import"]

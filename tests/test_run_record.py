@@ -81,6 +81,7 @@ def test_eval_refuses_training_fields(trained, capsys):
     ("--config.keep_ckpts=0", "keep_ckpts must be >= 1"),
     ("--config.total=8", 'config.total "4" -> "8"'),
     ("--config.optim.lr=0.1", "config.optim.lr 0.003 -> 0.1"),
+    ("--config.loss=softmax", 'config.loss "sigmoid" -> "softmax"'),
 ])
 def test_rejected_resume_leaves_the_record(trained, capsys, tmp_path, override, message):
   root, workdir = trained
