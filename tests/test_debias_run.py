@@ -12,6 +12,7 @@ from configs import debias as debias_config
 from siglip_fair import cli
 from siglip_fair.debias import infer, run, sensitivity, tasks
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIP = ["--config.clip.config.world.sizes.train=800", "--config.clip.config.batch_size=32",
         "--config.clip.config.eval_every=100%"]
 
@@ -38,10 +39,17 @@ def _config(arg, clip_dir, **overrides):
 
 
 def test_debias_command_on_digits_trains_the_two_tower_and_every_method(clip_dir, tmp_path):
-  workdir = str(tmp_path / "digits")
-  argv = ["debias", "--config", "configs/debias.py:task=digits,seeds=2,steps=20,clip_steps=60",
-          "--workdir", workdir, f"--config.clip.workdir={clip_dir}", *CLIP,
-          "--config.target.eval_every=10"]
+  # The README's command as written (in a fresh folder), on tiny settings: 2 seeds, 20 target
+  # steps, a 60-step two-tower model.
+  from test_docs import readme_commands  # pylint: disable=g-import-not-at-top
+  (readme,) = [c for c in readme_commands() if c.subcommand == "debias"
+               and c.config == "configs/debias.py:task=digits"]
+  workdir = str(tmp_path / readme.argv[readme.argv.index("--workdir") + 1])
+  argv = [os.path.join(REPO, w) if w.startswith("configs/") else w for w in readme.argv[3:]]
+  argv = [workdir if w == readme.argv[readme.argv.index("--workdir") + 1] else w for w in argv]
+  argv += ["--config.seeds=(0, 1)", "--config.target.steps=20",
+           "--config.target.jtt_first_steps=6", "--config.clip.config.total=60",
+           f"--config.clip.workdir={clip_dir}", *CLIP, "--config.target.eval_every=10"]
   assert cli.main(argv) == 0
   results = json.load(open(os.path.join(workdir, "results.json")))
   assert results["methods"] == list(debias_config.ALL_METHODS)

@@ -48,3 +48,25 @@ def test_readme_tpu_launch_command_runs_as_written(tmp_path):
   result = _run(argv, tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "gcloud" in result.stdout and "siglip_fair" in result.stdout
+
+
+SWEEP_TINY = [*TINY, *[f"--config.evals.{e}.bootstrap.num_samples=10"
+                       for e in ("zeroshot", "rb", "ab", "gender_acc")]]
+
+
+def test_readme_sweep_and_results_commands_run_as_written(tmp_path):
+  """The local sweep (15 runs, two at a time) and `results` on it, each as the README writes
+  it, with every run shrunk to 2 steps on a tiny world."""
+  sweep, = _commands("launch/local.py")
+  results, = [c for c in _commands("siglip_fair", "results")]
+  argv = [sys.executable, os.path.join(REPO, "launch", "local.py"),
+          *[os.path.join(REPO, w) if w.startswith("configs/") else w for w in sweep.args]]
+  ran = _run(argv + SWEEP_TINY, tmp_path)
+  assert ran.returncode == 0, (ran.stdout[-2000:], ran.stderr[-2000:])
+  assert "all 15 runs finished" in ran.stdout
+  collected = _run([sys.executable, "-m", "siglip_fair", *results.args], tmp_path)
+  assert collected.returncode == 0, collected.stderr[-2000:]
+  workdir = tmp_path / results.argv[results.argv.index("--workdir") + 1]
+  table = (workdir / "results.md").read_text()
+  # Five cells (baseline and four balanced ones), each over 3 seeds of 2 steps x 8 examples.
+  assert table.count("16ex") >= 5 and "balanced_proxies" in table
