@@ -12,6 +12,7 @@ Arguments (``get_config("key=value,...")``):
   model: image tower variant (e.g. mu/8, Ti/8, S/16; the text tower gets the same size).
   width: tower width override (0 keeps the variant's).  embed: representation width.
   examples: examples seen, e.g. 150000ex or 2ep ('' keeps the scale's steps).
+  train_size: training-set size, world.sizes.train (0 keeps the scale's).
   loss: sigmoid (SigLIP) | softmax (CLIP).
   data: baseline | balanced | balanced_proxies.
   switch: when training moves from baseline to `data`: 0% (from the start), 10%, 90%.
@@ -22,7 +23,8 @@ from configs import demo
 from siglip_fair.config import parse_arg
 
 SCALES = {
-    # 15 runs of ~2.5 min (two at a time) fit the 45 minutes the local sweep may take.
+    # One run takes ~322 s on one core (README: 15 runs, two at a time, 2542 s wall with
+    # 124 s of shared setup), so the 24 runs of sweep_local take ~66 min on 2 cores.
     "local": dict(model="mu/8", width=64, depth=2, embed=64, res=32, steps=900, batch=128),
     "gpu": dict(model="S/16", width=0, depth=0, embed=384, res=64, steps=20000, batch=1024),
 }
@@ -39,8 +41,8 @@ def data_version(data: str, switch: str) -> str:
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, scale="local", model="", width=-1, embed=0, examples="", loss="sigmoid",
-                data="baseline", switch="0%", seed=0)
+  a = parse_arg(arg, scale="local", model="", width=-1, embed=0, examples="", train_size=0,
+                loss="sigmoid", data="baseline", switch="0%", seed=0)
   if a.scale not in SCALES:
     raise ValueError(f"scale={a.scale!r}; use one of {sorted(SCALES)}.")
   s = dict(SCALES[a.scale])
@@ -60,34 +62,60 @@ def get_config(arg=None):
     c.world.sizes.update(dict(objects=5000, people=5000, retrieval=5000))
     c.cache_train = False
     c.model.dtype = "bfloat16"
+  if a.train_size < 0:
+    raise ValueError(f"train_size={a.train_size}; use a number of examples (0 keeps the "
+                     "scale's).")
+  if a.train_size:
+    c.world.sizes.train = a.train_size
   c.study = dict(scale=a.scale, model=s["model"], width=s["width"], embed=s["embed"],
-                 examples=a.examples or f"{s['steps'] * s['batch']}ex", loss=a.loss,
-                 data=a.data, switch=a.switch if a.data != "baseline" else "0%", seed=a.seed)
+                 examples=a.examples or f"{s['steps'] * s['batch']}ex",
+                 train_size=int(c.world.sizes.train), loss=a.loss, data=a.data,
+                 switch=a.switch if a.data != "baseline" else "0%", seed=a.seed)
   if a.scale == "local":
     c.eval_every = "20%"  # five points on the RB / AB curves; each costs ~4 s on 2 cores
   c.progress = False
   return c
 
 
-def _versions(add, seeds, **fixed):
-  """Baseline, and each balanced version switched in at 0 % and 90 % of training."""
+# Six seeds: with n paired seeds the smallest two-sided exact Wilcoxon p is 2 / 2^n, and n = 6
+# is the first n for which it is at most 0.05 (2 / 64 = 0.031).
+SEEDS = range(6)
+# The cells the findings of SPEC §5 compare (report/findings.py): baseline, balanced and
+# balanced with proxies from the start, and balanced data switched in for the last 10 %
+# (fine-tuning). No finding reads balanced_proxies at 90 %, so neither sweep pays for it.
+CELLS = (("baseline", "0%"), ("balanced", "0%"), ("balanced_proxies", "0%"), ("balanced", "90%"))
+# sweep_gpu's levels of the three scale axes (SPEC §5: model size, representation width, data
+# size as examples seen and as training-set size), each at two levels, crossed.
+GPU_MODELS = ("Ti/16", "S/16")
+GPU_EMBEDS = (192, 384)
+GPU_EXAMPLES = ("10240000ex", "20480000ex")  # 10000 and 20000 steps of batch 1024
+GPU_TRAIN_SIZES = (250_000, 500_000)
+
+
+def _versions(add, seeds=SEEDS, **fixed):
+  """Every cell of `CELLS` for every seed."""
   for seed in seeds:
-    add(data="baseline", seed=seed, **fixed)
-    for data in ("balanced", "balanced_proxies"):
-      for switch in ("0%", "90%"):
+    for data, switch in CELLS:
+      if data == "baseline":
+        add(data=data, seed=seed, **fixed)
+      else:
         add(data=data, switch=switch, seed=seed, **fixed)
 
 
 def sweep_local(add):
-  """3 seeds x (baseline + 2 balanced versions x 2 switch points): 15 runs on 2 CPU cores."""
-  _versions(add, range(3))
+  """6 seeds x 4 cells (`CELLS`): 24 runs, ~66 min on 2 CPU cores two at a time."""
+  _versions(add)
 
 
 def sweep_gpu(add):
-  """Model size x representation width x data version on one accelerator, 3 seeds each."""
-  for model in ("Ti/16", "S/16"):
-    for embed in (192, 384):
-      _versions(add, range(3), scale="gpu", model=model, embed=embed)
+  """Model size x representation width x examples seen x training-set size (2 levels each,
+  crossed: 16 contexts) x the 4 cells x 6 seeds: 384 runs on one accelerator."""
+  for model in GPU_MODELS:
+    for embed in GPU_EMBEDS:
+      for examples in GPU_EXAMPLES:
+        for train_size in GPU_TRAIN_SIZES:
+          _versions(add, scale="gpu", model=model, embed=embed, examples=examples,
+                    train_size=train_size)
 
 
 sweep = sweep_local

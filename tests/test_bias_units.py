@@ -1,8 +1,9 @@
 """RB and AB in one unit, points (100 × a share or probability), everywhere they are reported.
 
-The model-level evaluators run on random embeddings and are checked against brute-force
-numpy ×100 (points and bootstrap bounds); model- and data-level RB / AB are checked to be the
-same number when the model's preferences are exactly the data's labels.
+The model-level evaluators run on random embeddings and temperatures and are checked against
+brute-force numpy ×100 (points and bootstrap bounds, RB's share and smooth readings alike);
+model- and data-level RB / AB are checked to be the same number when the model's preferences
+are exactly the data's labels.
 """
 import fake_towers
 import numpy as np
@@ -59,9 +60,15 @@ def _evaluate(context, params, bootstrap=0):
 
 
 def _brute_points(obj, people, gender, words, t):
-  """{metric: points} in float64 loops over images: RB, and AB per pair (probability and
-  argmax readings) with their mean |gap|; gender 1 = woman, AB = woman − man."""
+  """{metric: points} in float64 loops over images: RB (share and smooth readings), and AB
+  per pair (probability and argmax readings) with their mean |gap|; gender 1 = woman,
+  AB = woman − man."""
   out = {"bias/rb": 100 * (np.mean([o @ words[0] > o @ words[1] for o in obj]) - 0.5)}
+  probs = []
+  for o in obj:  # softmax over the two logits t · cosine, one image at a time
+    logits = [t * float(o @ words[0]), t * float(o @ words[1])]
+    probs.append(1.0 / (1.0 + np.exp(logits[1] - logits[0])))
+  out["bias/rb_smooth"] = 100 * (np.mean(probs) - 0.5)
   for reading in ("ab", "ab_argmax"):
     gaps = []
     for a, b in PAIRS:
@@ -101,7 +108,8 @@ def test_bootstrap_bounds_are_points_too():
   ppl_idx = np.random.default_rng(3).integers(0, num_people, (40, num_people))
   reps = [_brute_points(images[:num_obj][i], images[num_obj:][j], gender[j], words, 5.0)
           for i, j in zip(obj_idx, ppl_idx)]
-  for name in ("bias/rb", "bias/ab/nurse_doctor", "bias/ab_mean", "bias/ab_argmax_mean"):
+  for name in ("bias/rb", "bias/rb_smooth", "bias/ab/nurse_doctor", "bias/ab_mean",
+               "bias/ab_argmax_mean"):
     lo, hi = np.nanpercentile([r[name] for r in reps], [2.5, 97.5])
     assert out[name + "_lo"] == pytest.approx(lo, rel=1e-4, abs=1e-3), name
     assert out[name + "_hi"] == pytest.approx(hi, rel=1e-4, abs=1e-3), name

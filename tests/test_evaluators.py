@@ -145,7 +145,15 @@ def test_all_evaluators_yield_planted_values_with_fixed_batches():
     assert out[name + "_lo"] <= out[name] <= out[name + "_hi"], name
   assert out["bias/rb_lo"] < out["bias/rb_hi"]
   assert {k for k in out if k.startswith("retrieval/")} == {
-      f"retrieval/{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+      f"retrieval/{d}_r{k}{c}" for d in ("i2t", "t2i") for k in (1, 5, 10)
+      for c in ("", "_ceiling")}
+  # RB's smooth reading, by brute force: P("man") at t = 7 over the 21 object images (the
+  # bag of words puts every synonym of a group on its axis, so the ensemble is that axis).
+  objects = context.sources["objects"]
+  obj = _unit([r["image"].reshape(-1)[:D] / 255.0 for r in objects])
+  smooth = np.mean([1 / (1 + np.exp(7 * (o[1] - o[0]))) for o in obj])
+  assert out["bias/rb_smooth"] == pytest.approx(100 * (smooth - 0.5), rel=1e-4)
+  assert out["bias/rb_smooth_lo"] <= out["bias/rb_smooth"] <= out["bias/rb_smooth_hi"]
   # Every embedder call had the fixed batch size (text rows are [BATCH, 12]).
   assert {s[0] for s in towers.shapes} == {BATCH}
 
@@ -201,15 +209,22 @@ def test_config_errors_are_explained():
                         context.sources, batch_size=BATCH)
   with pytest.raises(ValueError, match="needs the model's temperature"):
     ev.build_evaluators({"ab": {"type": "association_bias"}}, no_t)
+  with pytest.raises(ValueError, match="RepresentationBias needs the model's temperature"):
+    ev.build_evaluators({"rb": {"type": "representation_bias"}}, no_t)
+  with pytest.raises(ValueError, match="temperature=0.0 must be > 0"):
+    ev.build_evaluators({"rb": {"type": "representation_bias", "temperature": 0.0}}, no_t)
   fixed = ev.build_evaluators({"ab": {"type": "association_bias", "temperature": 3.0,
-                                      "pairs": [["nurse", "doctor"]]}}, no_t)
-  assert np.isfinite(dict(fixed["ab"].run({"words": _word_table()}))["bias/ab_mean"])
+                                      "pairs": [["nurse", "doctor"]]},
+                               "rb": {"type": "representation_bias", "temperature": 3.0}},
+                              no_t)
+  fixed_out = ev.run_all(fixed, {"words": _word_table()})
+  assert np.isfinite(fixed_out["bias/ab_mean"]) and np.isfinite(fixed_out["bias/rb_smooth"])
   with pytest.raises(ValueError, match="needs `classes`"):
     ev.build_evaluators({"zeroshot": {}}, context)
   twice = ml_collections.ConfigDict({"a": {"type": "representation_bias"},
                                      "b": {"type": "representation_bias"}})
   with pytest.raises(ValueError, match="already produced"):
-    ev.run_all(ev.build_evaluators(twice, context), {"words": _word_table()})
+    ev.run_all(ev.build_evaluators(twice, context), {"words": _word_table(), "t": 1.0})
   on_objects = ev.build_evaluators(
       {"ab": {"type": "association_bias", "split": "objects"}}, context)
   with pytest.raises(ValueError, match=r"no field\(s\) \['gender'\]"):

@@ -1,8 +1,7 @@
 """The README's commands, run as written on tiny inputs: each documented command's own words,
 followed by overrides that shrink the world, the model's depth and the run (later overrides
 win). The quick-start demo runs in test_demo.py, the corpus imports in test_imports.py; the
-sweep (`launch/local.py` over configs/study.py, 15 runs) is run here only on its first run's
-config, as `train`, since a 40-minute sweep has no tiny form."""
+sweep runs with every run shrunk to 2 steps."""
 import os
 import subprocess
 import sys
@@ -55,7 +54,7 @@ SWEEP_TINY = [*TINY, *[f"--config.evals.{e}.bootstrap.num_samples=10"
 
 
 def test_readme_sweep_and_results_commands_run_as_written(tmp_path):
-  """The local sweep (15 runs, two at a time) and `results` on it, each as the README writes
+  """The local sweep (24 runs, two at a time) and `results` on it, each as the README writes
   it, with every run shrunk to 2 steps on a tiny world."""
   sweep, = _commands("launch/local.py")
   results, = [c for c in _commands("siglip_fair", "results")]
@@ -63,10 +62,13 @@ def test_readme_sweep_and_results_commands_run_as_written(tmp_path):
           *[os.path.join(REPO, w) if w.startswith("configs/") else w for w in sweep.args]]
   ran = _run(argv + SWEEP_TINY, tmp_path)
   assert ran.returncode == 0, (ran.stdout[-2000:], ran.stderr[-2000:])
-  assert "all 15 runs finished" in ran.stdout
+  from configs import study  # pylint: disable=g-import-not-at-top
+  runs = len(study.SEEDS) * len(study.CELLS)
+  assert f"all {runs} runs finished" in ran.stdout
   collected = _run([sys.executable, "-m", "siglip_fair", *results.args], tmp_path)
   assert collected.returncode == 0, collected.stderr[-2000:]
   workdir = tmp_path / results.argv[results.argv.index("--workdir") + 1]
   table = (workdir / "results.md").read_text()
-  # Five cells (baseline and four balanced ones), each over 3 seeds of 2 steps x 8 examples.
-  assert table.count("16ex") >= 5 and "balanced_proxies" in table
+  # Every cell, each over the sweep's seeds of 2 steps x 8 examples, and the findings.
+  assert table.count("16ex") >= len(study.CELLS) and "balanced_proxies" in table
+  assert (workdir / "results_findings.json").exists()

@@ -24,27 +24,58 @@ def _launcher():
   return module
 
 
-def test_local_sweep_is_three_seeds_of_baseline_and_two_versions_at_two_switch_points():
+CELLS = {("baseline", "0%"), ("balanced", "0%"), ("balanced_proxies", "0%"), ("balanced", "90%")}
+
+
+def _args(arg):
+  return dict(item.split("=", 1) for item in arg.split(","))
+
+
+def test_local_sweep_is_six_seeds_of_the_four_cells_the_findings_compare():
   _, module = cfglib.load_config_file(STUDY)
   runs = _launcher().run_names(module, "", "sweep_local")
-  assert len(runs) == 15 == len({n for n, _ in runs})
-  versions = {}
+  # 6 seeds: the smallest n whose two-sided exact Wilcoxon p can reach 0.05 (2 / 2^6).
+  assert len(runs) == 6 * 4 == len({n for n, _ in runs})
+  cells = {}
   for name, arg in runs:
     config = cfglib.get_config(f"{STUDY}:{arg}")
-    versions[name] = config.data_version
-    assert config.study.seed in (0, 1, 2) and config.model.image.variant == "mu/8"
-  assert versions["data=balanced_seed=1_switch=90pct"] == "baseline->balanced@90%"
-  assert versions["data=balanced_proxies_seed=2_switch=0pct"] == "balanced_proxies"
-  assert versions["data=baseline_seed=0"] == "baseline"
-  gpu = _launcher().run_names(module, "", "sweep_gpu")
-  assert len(gpu) == 2 * 2 * 15
-  config = cfglib.get_config(f"{STUDY}:{gpu[-1][1]}")
-  assert (config.model.image.variant, config.model.embed_dim, config.world.image_size) == (
-      "S/16", 384, 64)
+    s = config.study
+    cells.setdefault((s.data, s.switch), set()).add(s.seed)
+    assert config.data_version == module.data_version(s.data, s.switch)
+    assert config.model.image.variant == "mu/8" and s.train_size == config.world.sizes.train
+  assert set(cells) == CELLS and all(seeds == set(range(6)) for seeds in cells.values())
+  assert 2 / 2 ** 6 <= 0.05 < 2 / 2 ** 5
   with pytest.raises(ValueError, match="switch='50%'"):
     cfglib.get_config(f"{STUDY}:data=balanced,switch=50%")
   with pytest.raises(ValueError, match="no sweep_tpu"):
     _launcher().run_names(module, "", "sweep_tpu")
+
+
+def test_gpu_sweep_crosses_model_width_examples_and_train_size():
+  _, module = cfglib.load_config_file(STUDY)
+  runs = _launcher().run_names(module, "", "sweep_gpu")
+  axes = ("model", "embed", "examples", "train_size")
+  combos = [tuple(_args(arg).get(k, "0%") for k in (*axes, "data", "switch", "seed"))
+            for _, arg in runs]
+  levels = [sorted({c[i] for c in combos}) for i in range(len(axes))]
+  assert [len(v) for v in levels] == [2, 2, 2, 2]
+  # Every combination of the four scale axes, the four cells and six seeds, once each.
+  expected = {(*scale, data, switch, str(seed)) for scale in itertools.product(*levels)
+              for data, switch in CELLS for seed in range(6)}
+  assert len(runs) == 2 ** 4 * 4 * 6 == len(set(combos)) and set(combos) == expected
+  # One config per context: the arguments reach the model, the world and config.study.
+  for scale in itertools.product(*levels):
+    arg = next(a for _, a in runs if tuple(_args(a)[k] for k in axes) == scale)
+    config = cfglib.get_config(f"{STUDY}:{arg}")
+    model, embed, examples, train_size = scale
+    assert (config.model.image.variant, config.model.embed_dim, config.total,
+            config.world.sizes.train, config.world.image_size) == (
+                model, int(embed), examples, int(train_size), 64)
+    assert (config.study.model, config.study.embed, config.study.examples,
+            config.study.train_size) == (model, int(embed), examples, int(train_size))
+  assert cfglib.get_config(f"{STUDY}:scale=gpu").study.train_size == 500_000
+  with pytest.raises(ValueError, match="train_size=-1"):
+    cfglib.get_config(f"{STUDY}:train_size=-1")
 
 
 def _write_run(root, name, study, metrics):
@@ -167,3 +198,40 @@ def test_examples_seen_needs_step_and_batch_size():
   assert sweep.examples_seen({}, {"step": 30}) is None
   assert sweep.examples_seen({"batch_size": 32}, {}) is None
   assert sweep.examples_seen({"batch_size": True}, {"step": 3}) is None
+
+
+def test_results_group_by_the_training_set_size_each_run_trained_on(tmp_path):
+  study = dict(scale="local", model="mu/8", width=64, embed=64, examples="", loss="sigmoid",
+               switch="0%", train_size=20000)
+  rng = np.random.default_rng(3)
+  values = {}
+  for train in (1000, 2000):
+    for data in ("baseline", "balanced"):
+      for seed in range(4):
+        values[(train, data, seed)] = float(rng.normal())
+        folder = tmp_path / f"{data}_{train}_{seed}"
+        folder.mkdir()
+        # config.json's world is what the run trained on; the study block's 20000 is stale.
+        (folder / "config.json").write_text(json.dumps(
+            {"study": dict(study, data=data, seed=seed), "batch_size": 8,
+             "world": {"sizes": {"train": train}}}))
+        (folder / "eval.json").write_text(json.dumps(
+            {"bias/rb": values[(train, data, seed)], "step": 5}))
+  # A run without a world in its config.json keeps the study's value.
+  _write_run(tmp_path, "no_world", dict(study, data="baseline", seed=0), {"bias/rb": 0.0})
+  rows, _ = sweep.collect(str(tmp_path))
+  assert {r["run"]: r["train_size"] for r in rows}["no_world"] == "20000"
+  table = {(c["train_size"], c["data"]): c for c in sweep.cells(rows)}
+  assert set(table) == {("1000", "baseline"), ("1000", "balanced"), ("2000", "baseline"),
+                        ("2000", "balanced"), ("20000", "baseline")}
+  tests = {t["train_size"]: t for t in sweep.wilcoxon_vs_baseline(rows)
+           if t["metric"] == "bias/rb"}
+  assert set(tests) == {"1000", "2000"}  # paired only with the baseline of the same size
+  for train in (1000, 2000):
+    d = [values[(train, "balanced", s)] - values[(train, "baseline", s)] for s in range(4)]
+    assert tests[str(train)]["mean_diff"] == pytest.approx(np.mean(d))
+    assert tests[str(train)]["n"] == 4
+  sweep.write_results(str(tmp_path))
+  header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
+  assert "train_size" in header
+  assert "| 1000 | baseline |" in (tmp_path / "results.md").read_text()

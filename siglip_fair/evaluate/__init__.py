@@ -1,8 +1,10 @@
 """Evaluation: metric math on embeddings and evaluators that embed eval splits.
 
 * `metrics`: zero-shot classification, retrieval Recall@k (quality, SPEC §4).
-* `bias`: representation bias, association bias, attribute accuracy (SPEC §3); RB and AB
-  are reported in points (`bias.POINTS` × a share or probability) everywhere.
+* `ceiling`: the best Recall@k any model could reach when images share identical captions.
+* `bias`: representation bias, association bias, attribute accuracy (SPEC §3), each in the
+  paper's share reading and the model's probability reading (RB `rb` / `rb_smooth`); RB and
+  AB are reported in points (`bias.POINTS` × a share or probability) everywhere.
 * `bootstrap`: percentile confidence intervals over images.
 * `fairness`: MaxSkew@k, NDKL@k (exact or debias-vision-lang convention), per-group /
   worst-group accuracy, the equalised-odds difference (fairlearn's convention), template

@@ -110,8 +110,30 @@ class Evaluator:
     self.prefix = self.config["prefix"]
 
   def _encode_prompt_sets(self, sets: Mapping[str, Sequence[str]]):
-    texts, spans = prompts.prompt_sets(sets, self.config["templates"])
+    """Tokens of every template × synonym prompt and each set's span of rows; with a
+    `single_prompt` config key set, one prompt per set (its first word in the first
+    template), the single-prompt reading the ensemble replaces."""
+    templates = self.config["templates"]
+    if self.config.get("single_prompt"):
+      sets = {name: list(words)[:1] for name, words in sets.items()}
+      templates = list(templates)[:1]
+    texts, spans = prompts.prompt_sets(sets, templates)
     return self.context.tokenizer.encode(texts), spans
+
+  def _check_temperature(self):
+    """At build time: the evaluator's probabilities need the model's logit scale."""
+    t = self.config["temperature"]
+    if t is None and self.context.temperature is None:
+      raise ValueError(f"{type(self).__name__} needs the model's temperature: give the "
+                       "EvalContext a `temperature` function or set the evaluator's "
+                       "`temperature`.")
+    if t is not None and not float(t) > 0:
+      raise ValueError(f"{type(self).__name__}: temperature={t!r} must be > 0.")
+
+  def _temperature(self, params) -> float:
+    """The config's fixed temperature, else the model's learnt one (`context.temperature`)."""
+    t = self.config["temperature"]
+    return float(self.context.temperature(params) if t is None else t)
 
   def _embed_prompts(self, params, encoded) -> np.ndarray:
     """[P, D] L2-normalised embeddings of every prompt of `_encode_prompt_sets` output."""

@@ -4,6 +4,11 @@ Preferences are pairwise comparisons of similarities; an exact tie counts as
 half a preference for each side, so a model that cannot tell two prompts apart
 sits exactly at parity (RB = 0, AB = 0) instead of favouring either.
 
+Each preference has two readings: the paper's hard one (`prefers_first`: which prompt is
+closer, so RB and AB are shares of images) and the model's probability of the first prompt at
+its learnt temperature (`preference_probability`; RB `rb_smooth`, AB `ab/*`). Both feed the
+same statistics.
+
 The statistics (`representation_bias`, `association_bias`) accept arbitrary
 leading batch axes, so `bootstrap.bootstrap_ci` evaluates all resamples at once.
 They return fractions; what the evaluators and `data_bias` report is points, POINTS × the
@@ -76,11 +81,17 @@ def preference_probability(image_emb: np.ndarray, first_emb: np.ndarray,
 
 
 def representation_bias(prefer: np.ndarray) -> np.ndarray:
-  """RB = share of images preferring the first group, minus 0.5.
+  """RB = mean preference for the first group over object images, minus 0.5.
+
+  With 1 / ½ / 0 preferences (`prefers_first`) this is the paper's RB, the share of images
+  closer to the first group (SPEC §3). With the model's probabilities
+  (`preference_probability`) it is the smooth RB: the share moves in steps of 1/N and by
+  many steps at once when near-identical images cross the boundary together, while the mean
+  probability changes as little as the model's preference does.
 
   Args:
-    prefer: [..., N] from `prefers_first(object images, first group, second
-      group)`, e.g. first = "man", second = "woman".
+    prefer: [..., N] in [0, 1] from `prefers_first` or `preference_probability` (object
+      images, first group, second group), e.g. first = "man", second = "woman".
 
   Returns:
     [...] in [-0.5, 0.5], a fraction; 0 is parity (reported × POINTS). NaN when N = 0.

@@ -2,10 +2,21 @@
 sensitive-attribute accuracy with per-group / worst-group rates, and MaxSkew / NDKL of
 neutral text queries.
 
-Units: every RB and AB value (point, `_lo`, `_hi`; `rb`, `ab/*`, `ab_mean`, `ab_argmax/*`,
-`ab_argmax_mean`) is in points, 100 × a share or probability (`bias.POINTS`), with no
-per-evaluator scale, so no two of them can disagree. Accuracies are fractions in [0, 1];
-MaxSkew and NDKL are in nats.
+Two readings of each preference. The paper's (SPEC §3) counts, per image, which prompt is
+closer: RB `rb` is a share of images, AB `ab_argmax/*` a gap of shares. The smooth ones use
+the model's probability of the first prompt at its learnt temperature instead: RB
+`rb_smooth`, AB `ab/*`. Both are always reported; the shares are the published numbers, the
+probabilities do not jump when many near-identical images flip sides together.
+
+Prompts: every group (man: man, male, gentleman; woman: woman, female, lady) and occupation
+is a prompt SET, the CLIP ensemble of its synonyms × templates (`metrics.prompt_ensemble`, the
+zero-shot evaluator's code); `default_evals_config` spells the sets out and `single_prompt`
+falls back to one prompt per set.
+
+Units: every RB and AB value (point, `_lo`, `_hi`; `rb`, `rb_smooth`, `ab/*`, `ab_mean`,
+`ab_argmax/*`, `ab_argmax_mean`) is in points, 100 × a share or probability (`bias.POINTS`),
+with no per-evaluator scale, so no two of them can disagree. Accuracies are fractions in
+[0, 1]; MaxSkew and NDKL are in nats.
 """
 from __future__ import annotations
 
@@ -18,15 +29,28 @@ from siglip_fair.evaluate.base import (DEFAULT_OCCUPATION_PAIRS, Evaluator, labe
 
 
 class RepresentationBias(Evaluator):
-  """RB in points: 100 × (share of object images closer to contrast[0] than contrast[1]
-  group prompts − 1/2), in [−50, 50]; > 0 leans to contrast[0].
+  """RB on object images (no person shown), in points, both readings in [−50, 50]; > 0 leans
+  to contrast[0] (SPEC §3):
 
-  Config: `group_words` (group -> synonyms), `contrast`, `templates`. Yields prefix + name
-  with _lo/_hi (points).
+    rb: the paper's definition, 100 × (share of images more similar to contrast[0]'s prompt
+      set than contrast[1]'s − 1/2) (`bias.prefers_first`; a tie counts half);
+    rb_smooth: 100 × (mean over images of the model's probability of contrast[0], a softmax
+      over the two sets' logits t · cosine at its temperature t − 1/2)
+      (`bias.preference_probability`, the same reading as AB's `ab/*`).
+  The share reports only on which side each image falls, so when many near-identical images
+  (a synthetic world, one photo style) sit close to the boundary they flip together and RB
+  jumps by tens of points between evaluations; the probability moves as much as the model's
+  preference does, so curves and seed-to-seed comparisons read better on rb_smooth.
+
+  Prompts: each group is the CLIP ensemble (`metrics.prompt_ensemble`) of its `group_words`
+  synonyms in every `templates` entry; `single_prompt` keeps one prompt per group (first
+  word, first template). Config: `group_words` (group -> synonyms), `contrast`, `templates`,
+  `single_prompt`, `temperature` (None: the context's, the model's learnt one). Yields
+  prefix + name and name + "_smooth", each with _lo/_hi (the same image resamples).
   """
   DEFAULTS = {"split": "objects", "group_words": prompts.DEFAULT_GROUP_WORDS,
               "contrast": ("man", "woman"), "templates": prompts.DEFAULT_TEMPLATES,
-              "name": "rb", "prefix": "bias/"}
+              "single_prompt": False, "temperature": None, "name": "rb", "prefix": "bias/"}
 
   def __init__(self, config, context):
     super().__init__(config, context)
@@ -35,15 +59,22 @@ class RepresentationBias(Evaluator):
     if len(self.config["contrast"]) != 2 or missing:
       raise ValueError(f"contrast={self.config['contrast']} must name two "
                        f"groups of group_words {sorted(words)}.")
+    self._check_temperature()
     self._prompts = self._encode_prompt_sets(
         {g: words[g] for g in self.config["contrast"]})
 
   def run(self, params):
     first, second = self._embed_prompt_sets(params, self._prompts)
     emb, _ = self._embed_split(params, [])
-    yield from self._with_ci(self.config["name"],
-                             lambda p: bias.POINTS * bias.representation_bias(p),
-                             bias.prefers_first(emb, first, second))
+    prefer = np.stack([  # [N, 2]: the share's 1 / ½ / 0 and the probability, per image
+        bias.prefers_first(emb, first, second),
+        bias.preference_probability(emb, first, second, self._temperature(params))], -1)
+
+    def stat(p):  # [B, N, 2] -> [B, 2]
+      return bias.POINTS * bias.representation_bias(np.moveaxis(p, -1, -2))
+
+    name = self.config["name"]
+    yield from self._with_ci([name, name + "_smooth"], stat, prefer)
 
 
 class AssociationBias(Evaluator):
@@ -61,15 +92,19 @@ class AssociationBias(Evaluator):
   the model's group direction (a gap of 0 or ±100 points per pair) and the probability its
   size.
 
+  Prompts: each occupation is the CLIP ensemble of its `label_words` synonyms in every
+  `templates` entry (`single_prompt`: first word, first template only).
+
   Config: `group_key` (int field indexing `groups`), `contrast`, `pairs` ((first, second)
   names), `label_words` (optional name -> synonyms; default the name itself), `templates`,
-  `temperature` (None: the context's, i.e. the model's learnt one). Every metric (points)
-  comes with _lo/_hi; NaN (and a logged warning) when a contrasted group has no images.
+  `single_prompt`, `temperature` (None: the context's, i.e. the model's learnt one). Every
+  metric (points) comes with _lo/_hi; NaN (and a logged warning) when a contrasted group has
+  no images.
   """
   DEFAULTS = {"split": "people", "group_key": "gender", "groups": ("man", "woman"),
               "contrast": ("woman", "man"), "pairs": DEFAULT_OCCUPATION_PAIRS,
               "label_words": {}, "templates": prompts.DEFAULT_TEMPLATES,
-              "temperature": None, "prefix": "bias/"}
+              "single_prompt": False, "temperature": None, "prefix": "bias/"}
 
   def __init__(self, config, context):
     super().__init__(config, context)
@@ -81,9 +116,7 @@ class AssociationBias(Evaluator):
     self._pairs = [tuple(p) for p in self.config["pairs"]]
     if not self._pairs or any(len(p) != 2 for p in self._pairs):
       raise ValueError(f"pairs={self._pairs} must be (first, second) names.")
-    if self.config["temperature"] is None and context.temperature is None:
-      raise ValueError("AssociationBias needs the model's temperature: give the EvalContext "
-                       "a `temperature` function or set the evaluator's `temperature`.")
+    self._check_temperature()
     names = list(dict.fromkeys(n for p in self._pairs for n in p))
     self._index = {n: i for i, n in enumerate(names)}
     words = self.config["label_words"]
@@ -99,8 +132,7 @@ class AssociationBias(Evaluator):
                         name, self.config["split"])
     first = label_emb[[self._index[a] for a, _ in self._pairs]]
     second = label_emb[[self._index[b] for _, b in self._pairs]]
-    t = self.config["temperature"]
-    t = float(self.context.temperature(params) if t is None else t)
+    t = self._temperature(params)
     prefer = np.concatenate([bias.preference_probability(emb, first, second, t),
                              bias.prefers_first(emb, first, second)], -1)  # [N, 2P]
     num = len(self._pairs)
@@ -121,12 +153,13 @@ class AttributeAccuracy(Evaluator):
   """Zero-shot accuracy at recognising the sensitive attribute (gender).
 
   Config: `label_key` (int field indexing `groups`, -1 skipped), `groups`,
-  `group_words`, `templates`. Yields prefix + name with _lo/_hi.
+  `group_words`, `templates`, `single_prompt` (as RepresentationBias). Yields prefix + name
+  with _lo/_hi.
   """
   DEFAULTS = {"split": "people", "label_key": "gender", "groups": ("man", "woman"),
               "group_words": prompts.DEFAULT_GROUP_WORDS,
-              "templates": prompts.DEFAULT_TEMPLATES, "name": "gender_acc",
-              "prefix": "bias/"}
+              "templates": prompts.DEFAULT_TEMPLATES, "single_prompt": False,
+              "name": "gender_acc", "prefix": "bias/"}
 
   def __init__(self, config, context):
     super().__init__(config, context)

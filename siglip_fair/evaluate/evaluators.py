@@ -18,7 +18,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from siglip_fair.evaluate import metrics, prompts
+from siglip_fair.evaluate import ceiling, metrics, prompts
 from siglip_fair.evaluate.base import (DEFAULT_OCCUPATION_PAIRS, EvalContext, Evaluator,
                                        Tokenizer, embed_fixed, labelled, mean_last,
                                        preprocess_images, word_sets)
@@ -92,26 +92,40 @@ class ZeroShot(Evaluator):
 
 
 class Retrieval(Evaluator):
-  """Image<->text Recall@k with all K captions of each image.
+  """Image<->text Recall@k with all K captions of each image, and its ceiling.
 
   Config: `caption_key` (bytes [K] per record), `ks`, `chunk_size` (queries
-  scored at once). Yields prefix + i2t_r{k}, t2i_r{k}.
+  scored at once). Yields prefix + i2t_r{k}, t2i_r{k}, and i2t_r{k}_ceiling,
+  t2i_r{k}_ceiling: the best R@k any model could reach when identical captions
+  (case and whitespace aside) are one text to it (`ceiling`). The captions, and so
+  the ceilings, do not depend on the model: they are read once, when the evaluator
+  is built.
   """
   DEFAULTS = {"split": "retrieval", "caption_key": "captions",
               "ks": (1, 5, 10), "chunk_size": 1024, "prefix": "retrieval/"}
 
+  def __init__(self, config, context):
+    super().__init__(config, context)
+    key = self.config["caption_key"]
+    if key not in self.source[0]:
+      raise ValueError(f"Records of split {self.config['split']!r} have no field "
+                       f"{key!r}; available: {sorted(self.source[0])}.")
+    captions = [np.atleast_1d(self.source[i][key]).tolist() for i in range(len(self.source))]
+    self._texts = [c.decode("utf-8") if isinstance(c, bytes) else str(c)
+                   for caps in captions for c in caps]
+    self._text_image = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
+    self._ceilings = ceiling.retrieval_ceilings(self._texts, self._text_image, len(captions),
+                                                self.config["ks"])
+
   def run(self, params):
-    emb, values = self._embed_split(params, [self.config["caption_key"]])
-    captions = [np.atleast_1d(c).tolist() for c in values[self.config["caption_key"]]]
-    texts = [c.decode("utf-8") if isinstance(c, bytes) else str(c)
-             for caps in captions for c in caps]
-    text_image = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
+    emb, _ = self._embed_split(params, [])
     text_emb = embed_fixed(self.context.embed_texts, params,
-                            np.asarray(self.context.tokenizer.encode(texts)),
-                            self.context.batch_size)
-    recalls = metrics.retrieval_recalls(emb, text_emb, text_image,
+                           np.asarray(self.context.tokenizer.encode(self._texts)),
+                           self.context.batch_size)
+    recalls = metrics.retrieval_recalls(emb, text_emb, self._text_image,
                                         self.config["ks"], self.config["chunk_size"])
     yield from ((self.prefix + k, v) for k, v in recalls.items())
+    yield from ((self.prefix + k, v) for k, v in self._ceilings.items())
 
 
 EVALUATORS: dict[str, type[Evaluator]] = {
@@ -127,8 +141,19 @@ EVALUATORS: dict[str, type[Evaluator]] = {
 def default_evals_config(object_classes: Sequence[str], *,
                          occupation_pairs=DEFAULT_OCCUPATION_PAIRS,
                          groups: Sequence[str] = ("man", "woman"),
-                         num_bootstrap: int = 1000) -> ml_collections.ConfigDict:
-  """The study's five evaluators.
+                         num_bootstrap: int = 1000,
+                         group_words: Mapping[str, Sequence[str]] | None = None,
+                         occupation_words: Mapping[str, Sequence[str]] | None = None,
+                         templates: Sequence[str] = prompts.DEFAULT_TEMPLATES,
+                         ) -> ml_collections.ConfigDict:
+  """The study's five evaluators, with the bias evaluators' prompt sets spelled out.
+
+  RB, AB and attribute accuracy embed each group / occupation as the mean of its synonyms
+  in every template (the CLIP ensemble); every set is a config field, so e.g.
+  `--config.evals.rb.group_words.man='["man", "guy"]'` or
+  `--config.evals.ab.templates='["a photo of a {}."]'` changes it, and
+  `--config.evals.rb.single_prompt=true` measures with one prompt per set (first word,
+  first template).
 
   Args:
     object_classes: class names in `object_label` order (world.OBJECT_CLASSES).
@@ -136,16 +161,32 @@ def default_evals_config(object_classes: Sequence[str], *,
       female (the world's OCCUPATION_PAIRS hold indices into OCCUPATIONS).
     groups: group names in the order of the `gender` field (world.GROUPS).
     num_bootstrap: bootstrap replicates per interval (0 = no intervals).
+    group_words: group -> synonyms for RB and attribute accuracy; None:
+      `prompts.DEFAULT_GROUP_WORDS` (a group it lacks is its own word).
+    occupation_words: occupation -> synonyms for AB; None: each occupation its own word.
+    templates: the prompt templates (one "{}") of RB, AB and attribute accuracy.
   """
+  pairs = [list(p) for p in occupation_pairs]
+  if group_words is None:
+    group_words = {g: prompts.DEFAULT_GROUP_WORDS.get(g, (g,)) for g in groups}
+  names = dict.fromkeys(n for p in pairs for n in p)
+  occupation_words = {n: [n] for n in names} | dict(occupation_words or {})
+
+  def sets(words):  # fresh copies: ConfigDict would share one dict between evaluators
+    return {"templates": list(templates), "single_prompt": False,
+            **{k: {n: list(w) for n, w in v.items()} for k, v in words.items()}}
+
   return ml_collections.ConfigDict({
       "zeroshot": {"type": "zeroshot", "classes": list(object_classes),
                    "bootstrap": {"num_samples": num_bootstrap}},
       "retrieval": {"type": "retrieval"},
-      "rb": {"type": "representation_bias", "bootstrap": {"num_samples": num_bootstrap}},
-      "ab": {"type": "association_bias", "groups": list(groups),
-             "pairs": [list(p) for p in occupation_pairs],
+      "rb": {"type": "representation_bias", **sets({"group_words": group_words}),
+             "bootstrap": {"num_samples": num_bootstrap}},
+      "ab": {"type": "association_bias", "groups": list(groups), "pairs": pairs,
+             **sets({"label_words": occupation_words}),
              "bootstrap": {"num_samples": num_bootstrap}},
       "gender_acc": {"type": "attribute_accuracy", "groups": list(groups),
+                     **sets({"group_words": group_words}),
                      "bootstrap": {"num_samples": num_bootstrap}},
   })
 

@@ -1,7 +1,9 @@
 """The `results` subcommand: every finished run of a sweep in one table, by factor (SPEC §5).
 
 A run is a folder with `config.json` (its `study` block names the factors: scale, model,
-width, embed, examples, loss, data, switch, seed) and `eval.json` (final metrics). The
+width, embed, examples, train_size, loss, data, switch, seed) and `eval.json` (final
+metrics). `train_size` is config.json's world.sizes.train where it has one (what the run
+trained on, whatever the study block says), else the study's value. The
 `examples` factor is what the run actually saw, eval.json's final `step` × config.json's
 `batch_size` (written "<n>ex"), not the study's nominal value: a run launched with
 `--config.total=30 --config.batch_size=32` is 960ex, whatever `config.study` says; runs
@@ -9,11 +11,13 @@ whose nominal value differs are listed under the table. Only a run without a ste
 size keeps the nominal value. Runs that differ only in the seed form one cell: mean ± std
 over seeds. Each balanced cell is compared with the baseline cell of the same other factors
 (examples seen included) by a paired Wilcoxon signed-rank test over the seeds they share
-(scipy; with n seeds the smallest two-sided p is 2 / 2^n, e.g. 0.25 for 3). RB and AB are in
-points (`summary.UNITS_NOTE`).
+(exact, `findings.signed_rank_p`; with n seeds the smallest two-sided p is 2 / 2^n, e.g. 0.25
+for 3, 0.031 for 6). RB and AB are in points (`summary.UNITS_NOTE`). The paper's findings
+F1–F5 get an effect, a 95 % interval over seeds, a p and a verdict each (`findings`).
 
-Writes results.csv (one row per cell and metric), results.md and results.png (RB and AB by data
-version and switch point; quality against model size when the sweep varies it).
+Writes results.csv (one row per cell and metric), results.md (the table, the tests and the
+findings), results_findings.json and results.png (RB and AB by data version and switch point;
+quality against model size when the sweep varies it), and prints one line per finding.
 """
 from __future__ import annotations
 
@@ -27,9 +31,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from siglip_fair.io import atomic_write
+from siglip_fair.report import findings
 from siglip_fair.report.summary import UNITS_NOTE
 
-FACTORS = ("scale", "model", "width", "embed", "examples", "loss", "data", "switch")
+FACTORS = ("scale", "model", "width", "embed", "examples", "train_size", "loss", "data",
+           "switch")
 METRICS = ("bias/rb", "bias/ab_mean", "bias/ab_argmax_mean", "zeroshot/top1",
            "retrieval/i2t_r1", "retrieval/t2i_r1")
 
@@ -47,8 +53,9 @@ def collect(root: str) -> tuple[list[dict], list[str]]:
   """(rows of finished runs, names of unfinished runs).
 
   A row holds the factors (`examples` = examples actually seen, see the module docstring),
-  seed, metrics, 'run', 'examples_seen' (int or None) and 'examples_config' (the study's
-  nominal value).
+  seed, metrics, 'run', 'examples_seen' (int or None), 'examples_config' (the study's
+  nominal value), 'bias/ab_signed' (mean of the per-pair signed `bias/ab/<pair>` gaps, when
+  eval.json has them) and 'rb_direction' / 'ab_direction' (`findings.data_directions`).
   """
   rows, unfinished = [], []
   for folder, dirs, files in os.walk(root):
@@ -69,12 +76,19 @@ def collect(root: str) -> tuple[list[dict], list[str]]:
     with open(os.path.join(folder, "eval.json"), encoding="utf-8") as f:
       final = json.load(f)
     factors = {k: str(study.get(k, "")) for k in FACTORS}
+    train = ((config.get("world") or {}).get("sizes") or {}).get("train")
+    if isinstance(train, int) and not isinstance(train, bool) and not config.get("train_data"):
+      factors["train_size"] = str(train)
     seen = examples_seen(config, final)
     nominal = factors["examples"]
     if seen is not None:
       factors["examples"] = f"{seen}ex"
+    pairs = [float(v) for k, v in final.items() if k.startswith("bias/ab/")
+             and not k.endswith(("_lo", "_hi"))]
+    rb_dir, ab_dir = findings.data_directions(config)
     rows.append({**factors, "seed": int(study["seed"]), "run": name, "examples_seen": seen,
-                 "examples_config": nominal,
+                 "examples_config": nominal, "rb_direction": rb_dir, "ab_direction": ab_dir,
+                 **({"bias/ab_signed": float(np.mean(pairs))} if pairs else {}),
                  **{m: float(final[m]) for m in METRICS if m in final}})
   return rows, unfinished
 
@@ -102,8 +116,8 @@ def cells(rows: Sequence[dict], metrics: Sequence[str] = METRICS) -> list[dict]:
 
 def wilcoxon_vs_baseline(rows: Sequence[dict], metrics: Sequence[str] = METRICS) -> list[dict]:
   """Per non-baseline cell and metric: mean paired difference to the matching baseline cell
-  (same factors but data/switch), the number of shared seeds and the Wilcoxon p-value."""
-  from scipy import stats  # pylint: disable=g-import-not-at-top
+  (same factors but data/switch), the number of shared seeds and the exact two-sided Wilcoxon
+  signed-rank p (`findings.signed_rank_p`; 1 when every difference is 0)."""
   context = lambda r: tuple(r[k] for k in FACTORS if k not in ("data", "switch"))
   base = {(context(r), r["seed"]): r for r in rows if r["data"] == "baseline"}
   tests = []
@@ -118,7 +132,7 @@ def wilcoxon_vs_baseline(rows: Sequence[dict], metrics: Sequence[str] = METRICS)
         continue
       x, y = np.array(pairs).T
       d = x - y
-      p = 1.0 if np.all(d == 0) else float(stats.wilcoxon(x, y).pvalue)
+      p = findings.signed_rank_p(d)
       tests.append({"data": first["data"], "switch": first["switch"],
                     **{k: first[k] for k in FACTORS if k not in ("data", "switch")},
                     "metric": m, "n": len(pairs), "mean_diff": float(d.mean()), "p": p})
@@ -228,7 +242,14 @@ def write_results(root: str) -> list[str]:
                      "`study` block (configs/study.py) and eval.json; "
                      f"{len(unfinished)} unfinished.")
   table, tests = cells(rows), wilcoxon_vs_baseline(rows)
+  verdicts = findings.evaluate(rows, [k for k in FACTORS if k not in ("data", "switch")])
+  for line in findings.summary_lines(verdicts):
+    print(f"results: {line}")
+  markdown = to_markdown(table, tests, unfinished, rows=rows)
+  if verdicts:
+    markdown += "\n" + findings.to_markdown(verdicts)
   return [atomic_write(os.path.join(root, "results.csv"), to_csv(table, tests)),
-          atomic_write(os.path.join(root, "results.md"),
-                       to_markdown(table, tests, unfinished, rows=rows)),
+          atomic_write(os.path.join(root, "results.md"), markdown),
+          atomic_write(os.path.join(root, "results_findings.json"),
+                       json.dumps(findings.to_json(verdicts), indent=1, allow_nan=False)),
           atomic_write(os.path.join(root, "results.png"), plot(table))]
