@@ -78,12 +78,16 @@ def get_config(arg=None):
       t_init=10.0 if arg.loss == "sigmoid" else 1 / 0.07,
       b_init=-10.0 if arg.loss == "sigmoid" else None,
   ))
-  # name: adamw | sgd | adafactor. The lr warms up linearly, then decays on a cosine to
-  # end_lr_frac * lr; weight decay applies to the parameters whose path matches wd_params
-  # (train/optim.py).
+  # name: adamw | sgd | adafactor. The lr warms up linearly, then follows `schedule`: 'cosine'
+  # to end_lr_frac * lr, 'rsqrt' (lr / sqrt(1 + t / timescale), big_vision's) or 'constant';
+  # `cooldown` ends any of them linearly at 0, `rewarmup` restarts it (warm-up from 0) at each
+  # switch of a data_version schedule. Those three are durations like `warmup` ('0' = off), as
+  # strings so that --config.optim.rewarmup=10% is accepted. Weight decay applies to the
+  # parameters whose path matches wd_params (train/optim.py).
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=arg.lr, wd=1e-4, b1=0.9, b2=0.98, eps=1e-8, clip_norm=1.0,
-      end_lr_frac=0.0, wd_params=r"(.*/)?(kernel|embedding)$"))
+      schedule="cosine", end_lr_frac=0.0, timescale="10000", cooldown="0", rewarmup="0",
+      wd_params=r"(.*/)?(kernel|embedding)$"))
   # Device mesh (train/sharding.py): the batch is split over data x fsdp, parameters and
   # optimizer state over fsdp as well; sizes multiply to the device count, one may be -1.
   # fsdp=1 is plain data parallelism; e.g. --config.mesh.data=2 --config.mesh.fsdp=4 on 8.

@@ -84,7 +84,12 @@ def check_train(config) -> None:
     raise ValueError(f"config.keep_ckpts must be >= 1, got {keep!r} (a run keeps its latest "
                      "checkpoints to resume from); e.g. --config.keep_ckpts=2.")
   check_model(config.model, config.world.image_size)
-  make_optimizer(config.optim, steps.total_steps, steps.warmup_steps)
+  # Epochs count as one batch here, as in check_durations: the sign and syntax are what matter.
+  make_optimizer(config.optim, steps.total_steps, steps.warmup_steps,
+                 versions.switch_steps(config.data_version, batch_size=config.batch_size,
+                                       total_steps=steps.total_steps,
+                                       num_examples=config.batch_size),
+                 batch_size=config.batch_size, num_examples=config.batch_size)
   sharding.check_batch_size(config.batch_size, sharding.make_mesh(config.get("mesh")))
   for name, sub in dict(config.evals).items():
     evaluators.evaluator_class(name, sub)

@@ -22,7 +22,8 @@ from siglip_fair.config import durations
 
 # The repository root that holds the shipped configs/ (an editable install or a checkout).
 _SHIPPED_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_DURATION_KEYS = {"total", *durations.DURATION_FIELDS}
+# Leaf names of duration fields (optim's schedule durations included).
+_DURATION_KEYS = {"total", *durations.DURATION_FIELDS, "rewarmup", "cooldown", "timescale"}
 # Groups whose members the user names (one entry per real eval dataset): an override may add a
 # member, e.g. `--config.eval_data.ff.dataset=fairface`; its fields are checked where they are
 # read (study.eval_sources).

@@ -58,6 +58,14 @@ def schedule_steps(spec: str, *, batch_size: int, total_steps: int,
   return out
 
 
+def switch_steps(spec: str, *, batch_size: int, total_steps: int,
+                 num_examples: int | None = None) -> tuple[int, ...]:
+  """The steps at which `spec` switches to a new version (empty for a single version); the
+  optimiser re-warms up there with optim.rewarmup (train/optim.py)."""
+  return tuple(start for _, start in schedule_steps(
+      spec, batch_size=batch_size, total_steps=total_steps, num_examples=num_examples)[1:])
+
+
 class ScheduledIterator:
   """Batches of one data version after another, switching at fixed batch indices.
 

@@ -47,6 +47,7 @@ import jax
 import numpy as np
 
 from siglip_fair.config.durations import resolve_steps
+from siglip_fair.data import versions
 from siglip_fair.models.two_tower import make_model
 from siglip_fair.train import checkpoint
 from siglip_fair.train.optim import make_optimizer
@@ -175,7 +176,12 @@ def _train(config, workdir, stop, train_iter, evaluate_fn, num_examples, stop_af
   total = steps.total_steps
   mesh = make_mesh(config.get("mesh"))
   model = make_model(config.model)
-  tx, schedule = make_optimizer(config.optim, total, steps.warmup_steps)
+  # Data switches of a data_version schedule, where optim.rewarmup restarts the lr schedule.
+  switches = versions.switch_steps(config.get("data_version", "baseline"),
+                                   batch_size=config.batch_size, total_steps=total,
+                                   num_examples=num_examples)
+  tx, schedule = make_optimizer(config.optim, total, steps.warmup_steps, switches,
+                                batch_size=config.batch_size, num_examples=num_examples)
 
   # Parameter shapes depend on the input shapes (e.g. number of patches): peek at one batch
   # and rewind, so the first training step still sees it.
