@@ -106,6 +106,10 @@ def get_config(arg=None):
   #   c.eval_data.fairface = dict(dataset="fairface", split="validation")
   # with an evaluator on it: c.evals.fairface_gender = dict(type="attribute_accuracy",
   #   split="fairface", prefix="fairface/"). Loaders: siglip_fair/data/datasets.py.
+  # The world's object classes follow its knobs (world.object_scenes, object_class_mode, ...):
+  # the evaluator names them when it is built (study.make_evaluators).
+  del c.evals.zeroshot["classes"]
+  c.evals.zeroshot.classes = "world"
   c.eval_data = ml_collections.ConfigDict()
   c.eval_batch_size = 250
   return c

@@ -21,6 +21,9 @@ from siglip_fair.data.tokenizer import Tokenizer, train_sentencepiece
 from siglip_fair.io import atomic_savez, atomic_write
 
 EVAL_SPLITS = ("objects", "people", "retrieval")
+# `classes` of a zero-shot evaluator that names the synthetic world's object classes, whatever
+# its knobs make them (world.object_class_names).
+WORLD_CLASSES = "world"
 
 
 @dataclasses.dataclass
@@ -314,6 +317,10 @@ def make_evaluators(config, data: Data, model, *, bootstrap: bool):
                            sources=eval_sources(config, data),
                            batch_size=config.eval_batch_size)
   evals = config.evals.copy_and_resolve_references()
+  for sub in evals.values():
+    if sub.get("classes") == WORLD_CLASSES:  # the world's own object classes (its knobs say)
+      del sub["classes"]
+      sub.classes = list(world.object_class_names(config.world))
   if not bootstrap:
     for sub in evals.values():
       if "bootstrap" in sub:

@@ -35,7 +35,7 @@ def check_data(config) -> None:
     need = len(world.caption_alphabet()) + TOKENIZER_SPECIALS
     if not config.get("train_data") and tok.vocab_size < need:
       raise ValueError(
-          f"tokenizer.vocab_size={tok.vocab_size} is too small: the world's captions use "
+          f"tokenizer.vocab_size={tok.vocab_size} is too small: the world's captions can use "
           f"{need - TOKENIZER_SPECIALS} distinct characters, and a SentencePiece vocabulary needs "
           f"one piece each plus pad, eos and unk; use --config.tokenizer.vocab_size={need} or "
           "more (e.g. 320).")

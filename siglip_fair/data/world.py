@@ -9,10 +9,18 @@ so object images, like web images, co-occur with group words at the planted
 prevalence. Captions come from templates that sometimes name the group, the
 occupation and the objects.
 
+Knobs (world_config.py) switch on richer object scenes and captions, with defaults that keep
+the world above bit for bit: composed scenes of shape x colour x pattern objects in varied
+sizes, positions, counts and backgrounds (scenes.py), descriptive captions that say what each
+image shows (captions.py), and owners whose group depends on the object's class
+(owner_attribute_skew), so that a model's group preference on object images is spread over
+images rather than one shared direction.
+
 Every example is a pure function of (config, split, index): examples are drawn
 in fixed chunks of CHUNK_SIZE rows, each from its own generator seeded with
 (seed, split id, chunk index), and every random number of a chunk is drawn for
-all its rows before any is used. So an example does not depend on the split
+all its rows before any is used (the composed scenes' from a second generator per chunk, so the
+legacy stream is unchanged). So an example does not depend on the split
 size or on which range of the split is generated.
 """
 from collections.abc import Iterator
@@ -20,125 +28,34 @@ from collections.abc import Iterator
 import ml_collections
 import numpy as np
 
+from siglip_fair.data import captions as captions_lib
 from siglip_fair.data import render
+from siglip_fair.data import scenes
+# Re-exported: the knobs live in world_config.py.
+from siglip_fair.data.world_config import CAPTION_STYLES  # pylint: disable=unused-import
+from siglip_fair.data.world_config import OBJECT_BACKGROUNDS  # pylint: disable=unused-import
+from siglip_fair.data.world_config import OBJECT_SCENES  # pylint: disable=unused-import
+from siglip_fair.data.world_config import _complete
+from siglip_fair.data.world_config import default_config  # pylint: disable=unused-import
+from siglip_fair.data.world_config import describe  # pylint: disable=unused-import
+from siglip_fair.data.world_config import object_class_names
+from siglip_fair.data.world_config import owner_woman_probability
+from siglip_fair.data.world_config import split_size
+from siglip_fair.data.world_config import validate_config
+from siglip_fair.data.world_config import woman_probability
+# Re-exported: the names live in vocab.py, read by captions.py and scenes.py too.
+from siglip_fair.data.vocab import GROUP_NOUNS  # pylint: disable=unused-import
+from siglip_fair.data.vocab import GROUPS  # pylint: disable=unused-import
+from siglip_fair.data.vocab import NEUTRAL_NOUN  # pylint: disable=unused-import
+from siglip_fair.data.vocab import OBJECT_CLASSES
+from siglip_fair.data.vocab import OCCUPATION_PAIRS  # pylint: disable=unused-import
+from siglip_fair.data.vocab import OCCUPATIONS
+from siglip_fair.data.vocab import PROXIES
+from siglip_fair.data.vocab import SPLITS
 
-GROUPS = ("man", "woman")
-# In pairs; the first of each pair is stereotypically female.
-OCCUPATIONS = ("librarian", "scientist", "nurse", "doctor", "housekeeper",
-               "homeowner", "receptionist", "executive", "secretary",
-               "manager")
-OCCUPATION_PAIRS = [(i, i + 1) for i in range(0, len(OCCUPATIONS), 2)]
-# PROXIES[j] is the object that co-occurs with OCCUPATIONS[j].
-PROXIES = ("book", "microscope", "thermometer", "stethoscope", "broom", "sofa",
-           "telephone", "briefcase", "typewriter", "laptop")
-OBJECT_CLASSES = ("ball", "box", "tree", "car", "cup", "star", "house", "fish",
-                  "key", "moon")
-SPLITS = ("train", "objects", "people", "retrieval")
-# Caption nouns per group (GROUPS order); "person" when the group is unnamed.
-GROUP_NOUNS = (("man", "gentleman", "guy", "male person"),
-               ("woman", "lady", "girl", "female person"))
-NEUTRAL_NOUN = "person"
 CHUNK_SIZE = 1000
 TINT_MEANS = (0.25, 0.75)  # per group, GROUPS order
-
-_PERSON_TEMPLATES = ("a photo of {s}", "{s}", "a picture of {s}",
-                     "{s} at work")
-_OCCUPATION_TEMPLATES = ("a photo of {s} who works as {o}",
-                         "{s} working as {o}", "a picture of {s}, {o}",
-                         "{s} at work as {o}")
-_OBJECT_TEMPLATES = ("a photo of {o}", "{o}", "a picture of {o}",
-                     "a close-up of {o}")
-# {s}: owner with article, {o}: bare object, {ao}: object with article.
-_OWNER_TEMPLATES = ("a photo of {s}'s {o}", "{ao} owned by {s}",
-                    "{ao} that belongs to {s}", "{s}'s {o}")
 OWNER_SPLITS = ("train", "retrieval")  # never `objects`: it measures RB
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """Every knob of the world; probabilities are in [0, 1]."""
-  cfg = ml_collections.ConfigDict()
-  cfg.seed = 0
-  cfg.image_size = 32
-  cfg.num_captions = 3
-  cfg.sizes = ml_collections.ConfigDict(
-      dict(train=20000, objects=1000, people=1000, retrieval=1000))
-  cfg.person_share = 0.5  # P(person) in train / retrieval
-  cfg.woman_prevalence = 0.3  # P(woman | person): representation skew
-  # P(woman | occupation) = prevalence +- association / 2 for the female- /
-  # male-stereotyped occupation of each pair: association skew.
-  cfg.association = 0.4
-  cfg.caption_gender_rate = 0.8  # P(a person caption names a group)
-  cfg.caption_gender_noise = 0.03  # P(the named group is wrong | named)
-  cfg.caption_occupation_rate = 0.8
-  cfg.caption_object_rate = 0.5  # P(a caption names a drawn proxy), per proxy
-  cfg.proxy_strength = 0.8  # P(occupation's own proxy drawn | occupation)
-  cfg.proxy_base_rate = 0.05  # P(any other proxy drawn | person)
-  cfg.object_proxy_rate = 0.05  # P(a proxy drawn | object scene), per proxy
-  cfg.people_proxy_rate = 0.3  # P(a proxy drawn), per proxy, in the people (AB) split
-  # P(an object scene has an owner) in OWNER_SPLITS; the owner's group follows
-  # woman_prevalence and is named in captions like a person's.
-  cfg.object_owner_rate = 0.3
-  cfg.tool_rate = 0.5  # P(a person's occupation tool is drawn)
-  # Both occupations of a pair wear one uniform colour, so without the tool only
-  # the gender tint and the proxies tell them apart (the association to learn).
-  cfg.uniform_per_pair = True
-  cfg.tint_std = 0.1  # spread of the gender tint around TINT_MEANS
-  # Object scenes' background: 'grey' (off the tint axis: their only link to a group is what
-  # captions say about owners, so a model's RB measures co-occurrence it absorbed) or 'tint'
-  # (a uniformly random gender tint: RB then also reflects where the model puts the boundary).
-  cfg.object_background = "grey"
-  cfg.noise = 0.05  # pixel noise std, [0, 1] units
-  cfg.jitter = 0.04  # position jitter, fraction of the image side
-  return cfg
-
-
-def woman_probability(cfg: ml_collections.ConfigDict) -> np.ndarray:
-  """P(woman | occupation), float64 [c]; ValueError if outside [0, 1]."""
-  sign = np.where(np.arange(len(OCCUPATIONS)) % 2 == 0, 1.0, -1.0)
-  p = cfg.woman_prevalence + sign * cfg.association / 2
-  if np.any(p < 0) or np.any(p > 1):
-    raise ValueError(
-        f"world.woman_prevalence={cfg.woman_prevalence} +- "
-        f"world.association/2={cfg.association / 2} leaves [0, 1]; lower "
-        "the association or move the prevalence towards 0.5.")
-  return p
-
-
-def validate_config(cfg: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first bad knob."""
-  for name in ("person_share", "woman_prevalence", "caption_gender_rate",
-               "caption_gender_noise", "caption_occupation_rate",
-               "caption_object_rate", "proxy_strength", "proxy_base_rate",
-               "object_proxy_rate", "people_proxy_rate", "object_owner_rate", "tool_rate"):
-    if not 0.0 <= cfg[name] <= 1.0:
-      raise ValueError(f"world.{name}={cfg[name]} must be in [0, 1].")
-  if cfg.object_background not in ("grey", "tint"):
-    raise ValueError(f"world.object_background={cfg.object_background!r}; use 'grey' or 'tint'.")
-  for name in ("tint_std", "noise", "jitter"):
-    if cfg[name] < 0:
-      raise ValueError(f"world.{name}={cfg[name]} must be >= 0.")
-  if not isinstance(cfg.uniform_per_pair, (bool, np.bool_)):
-    raise ValueError(f"world.uniform_per_pair={cfg.uniform_per_pair!r} must "
-                     "be True or False.")
-  if not isinstance(cfg.seed, (int, np.integer)) or cfg.seed < 0:
-    raise ValueError(f"world.seed={cfg.seed!r} must be an int >= 0.")
-  if cfg.image_size < 16:
-    raise ValueError(f"world.image_size={cfg.image_size} must be >= 16 for "
-                     "the figures and icons to be drawable.")
-  if cfg.num_captions < 1:
-    raise ValueError(f"world.num_captions={cfg.num_captions} must be >= 1.")
-  for split in SPLITS:
-    if split not in cfg.sizes or cfg.sizes[split] < 0:
-      raise ValueError(f"world.sizes.{split}={cfg.sizes.get(split)!r} must be a number of "
-                       f"examples >= 0 (>= 1 to build it), e.g. --config.world.sizes.{split}="
-                       f"{default_config().sizes[split]}.")
-  woman_probability(cfg)
-
-
-def split_size(cfg: ml_collections.ConfigDict, split: str) -> int:
-  if split not in SPLITS:
-    raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
-  return int(cfg.sizes[split])
 
 
 def _stratified_uniform(rng, mask):
@@ -173,9 +90,11 @@ def _stratified_latents(cfg, split, rng, n):
     woman = np.where(cell, _stratified_uniform(rng, cell), woman)
     tool = np.where(cell, _stratified_uniform(rng, cell), tool)
   # One uniform per object scene decides both whether it has an owner (< object_owner_rate) and
-  # the owner's group (< object_owner_rate * woman_prevalence): given an owner it is uniform on
-  # [0, object_owner_rate), so both shares are stratified, and the random stream (hence every
-  # image) does not depend on either knob.
+  # the owner's group (< object_owner_rate * woman_prevalence, or the class's
+  # owner_woman_probability under owner_attribute_skew): given an owner it is uniform on
+  # [0, object_owner_rate), so both shares are stratified (without skew; with it, the overall
+  # share only up to binomial noise over classes), and the random stream (hence every image)
+  # depends on none of these knobs.
   owner = _stratified_uniform(rng, ~is_person & (split in OWNER_SPLITS))
   return dict(person=person, occupation=occupation, woman=woman, tool=tool,
               owner=owner)
@@ -201,6 +120,9 @@ def _draw_chunk(cfg, split, chunk):
       name_occupation=rng.random((n, k)),
       mention=rng.random((n, k, p)),
       pixels=rng.standard_normal((n, size, size, 3), dtype=np.float32),
+      # Drawn by a generator of their own so that every draw above, hence the legacy world,
+      # is what it was before composed scenes existed.
+      **scenes.draw(np.random.default_rng([cfg.seed, SPLITS.index(split), chunk, 1]), n, k),
   )
 
 
@@ -216,17 +138,21 @@ def _labels(cfg, split, r, ids):
   person = kind == 1
   owned = ~person & (r["owner"] < cfg.object_owner_rate)
   occupation = np.where(person, r["occupation"], -1).astype(np.int32)
+  if split == "objects":  # exactly balanced classes
+    object_label = (ids % len(object_class_names(cfg))).astype(np.int32)
+  else:
+    drawn = r["object_label"] if cfg.object_scenes == "legacy" else scenes.drawn_labels(cfg, r)
+    object_label = np.where(person, -1, drawn).astype(np.int32)
   if split == "people":  # exactly balanced groups
     gender = (ids % 2).astype(np.int32)
   else:
+    # Given an owner, r["owner"] / object_owner_rate is uniform on [0, 1), so the owner is a
+    # woman with her class's probability (woman_prevalence for every class without skew).
+    owner_woman = owner_woman_probability(cfg)[np.maximum(object_label, 0)]
     is_woman = np.where(
         person, r["woman"] < woman_probability(cfg)[r["occupation"]],
-        r["owner"] < cfg.object_owner_rate * cfg.woman_prevalence)
+        r["owner"] < cfg.object_owner_rate * owner_woman)
     gender = np.where(person | owned, is_woman, -1).astype(np.int32)
-  if split == "objects":  # exactly balanced classes
-    object_label = (ids % len(OBJECT_CLASSES)).astype(np.int32)
-  else:
-    object_label = np.where(person, -1, r["object_label"]).astype(np.int32)
   own = np.eye(c, p, dtype=bool)[r["occupation"]]
   rate = np.where(own, cfg.proxy_strength, cfg.proxy_base_rate)
   rate = np.where(person[:, None], rate, cfg.object_proxy_rate)
@@ -246,8 +172,8 @@ def _labels(cfg, split, r, ids):
       w=w.astype(np.uint8), object_label=object_label)
 
 
-def _render(cfg, split, r, ex):
-  """uint8 [n,S,S,3] images of the examples ex."""
+def _render(cfg, split, r, ex, scene):
+  """uint8 [n,S,S,3] images of the examples ex (scene: scenes.attributes of the rows)."""
   person = ex["kind"] == 1
   means = np.asarray(TINT_MEANS)[np.maximum(ex["gender"], 0)]
   tint = np.where(person, np.clip(means + cfg.tint_std * r["tint"], 0, 1),
@@ -255,6 +181,8 @@ def _render(cfg, split, r, ex):
   img = render.background(tint, cfg.image_size)
   if cfg.object_background == "grey":
     img[~person] = render.NEUTRAL_BACKGROUND
+  elif cfg.object_background == "varied":
+    img[~person] = scenes.backgrounds(scene["background"][~person], cfg.image_size)
   cx = 0.5 + cfg.jitter * r["centre"][:, 0]
   cy = 0.5 + cfg.jitter * r["centre"][:, 1]
   idx = np.flatnonzero(person)
@@ -265,8 +193,10 @@ def _render(cfg, split, r, ex):
   img[idx] = render.draw_people(img[idx], cx[idx], cy[idx],
                                 ex["occupation"][idx], cues, tool, colours)
   idx = np.flatnonzero(~person)
-  img[idx] = render.draw_objects(img[idx], cx[idx], cy[idx],
-                                 ex["object_label"][idx])
+  if cfg.object_scenes == "composed":
+    img[idx] = scenes.draw_scenes(img[idx], {key: v[idx] for key, v in scene.items()})
+  else:
+    img[idx] = render.draw_objects(img[idx], cx[idx], cy[idx], ex["object_label"][idx])
   img = render.draw_proxies(img, ex["w"], 0.5 * cfg.jitter * r["proxy_jitter"])
   return render.to_uint8(img, r["pixels"], cfg.noise)
 
@@ -276,73 +206,61 @@ def caption_alphabet() -> frozenset[str]:
   word they are filled with. A tokenizer needs a piece for each (plus pad, eos and unk), so
   this bounds the smallest vocabulary before any data are built."""
   import string  # pylint: disable=g-import-not-at-top
-  templates = (_PERSON_TEMPLATES + _OCCUPATION_TEMPLATES + _OBJECT_TEMPLATES + _OWNER_TEMPLATES)
-  literal = [text for t in templates for text, *_ in string.Formatter().parse(t)]
-  words = [*sum(GROUP_NOUNS, ()), NEUTRAL_NOUN, *OCCUPATIONS, *PROXIES, *OBJECT_CLASSES,
-           *render.OBJECT_COLOUR_NAMES, " next to ", " with ", ", ", " and ", "an ", "a "]
-  return frozenset("".join(literal + words))
+  literal = [text for t in captions_lib.TEMPLATES for text, *_ in string.Formatter().parse(t)]
+  return frozenset("".join(literal + captions_lib.alphabet_words()))
 
 
-def _a(word):
-  return ("an " if word[0] in "aeiou" else "a ") + word
+def _chunks(cfg, split, start, stop):
+  """Yields (r, ex, scene) per chunk of rows [start, stop): draws, labels, scene attributes."""
+  for chunk in range(start // CHUNK_SIZE, -(-stop // CHUNK_SIZE)):
+    lo = max(start, chunk * CHUNK_SIZE)
+    hi = min(stop, (chunk + 1) * CHUNK_SIZE)
+    rows = slice(lo - chunk * CHUNK_SIZE, hi - chunk * CHUNK_SIZE)
+    r = {key: v[rows] for key, v in _draw_chunk(cfg, split, chunk).items()}
+    ex = _labels(cfg, split, r, np.arange(lo, hi))
+    yield r, ex, scenes.attributes(cfg, np.maximum(ex["object_label"], 0), r)
 
 
-def _join(words):
-  words = [_a(x) for x in words]
-  return words[0] if len(words) == 1 else ", ".join(words[:-1]) + (
-      " and " + words[-1])
+def _check_range(cfg, split, start, stop):
+  size = split_size(cfg, split)
+  stop = size if stop is None else stop
+  if not 0 <= start <= stop <= size:
+    raise ValueError(f"Need 0 <= start={start} <= stop={stop} <= "
+                     f"world.sizes.{split}={size}.")
+  return stop
 
 
-def _captions(cfg, split, r, ex):
-  """object [n, K] array of bytes captions."""
-  n, k = ex["id"].size, cfg.num_captions
-  # Per-caption decisions are vectorised; only string assembly loops.
-  named_proxies = ex["w"][:, None, :].astype(bool) & (
-      r["mention"] < cfg.caption_object_rate)
-  # Only people and owned objects have a group to name.
-  names_group = (r["name_group"] < cfg.caption_gender_rate) & (
-      ex["gender"][:, None] >= 0)
-  said_group = ex["gender"][:, None] ^ (
-      r["wrong_group"] < cfg.caption_gender_noise)
-  names_occupation = r["name_occupation"] < cfg.caption_occupation_rate
-  if split == "people":  # names only the (true) group
-    names_group[:] = True
-    said_group = np.broadcast_to(ex["gender"][:, None], (n, k))
-    names_occupation[:] = False
-    named_proxies[:] = False
-  template, noun = r["template"], r["noun"]
-  mentions = [[[] for _ in range(k)] for _ in range(n)]
-  for i, j, q in zip(*np.nonzero(named_proxies)):
-    mentions[i][j].append(PROXIES[q])
-  out = np.empty((n, k), dtype=object)
-  for i in range(n):
-    for j in range(k):
-      t = int(template[i, j])
-      named = mentions[i][j]
-      subject = NEUTRAL_NOUN  # of a person or an owner
-      if names_group[i, j]:
-        nouns = GROUP_NOUNS[said_group[i, j]]
-        subject = nouns[noun[i, j] % len(nouns)]
-      if ex["kind"][i] == 0:
-        label = int(ex["object_label"][i])
-        obj = OBJECT_CLASSES[label]
-        if (t // 4) % 2:
-          obj = render.OBJECT_COLOUR_NAMES[label] + " " + obj
-        if ex["gender"][i] >= 0:  # an owned object
-          text = _OWNER_TEMPLATES[t % 4].format(s=_a(subject), o=obj,
-                                                ao=_a(obj))
-        else:
-          text = _OBJECT_TEMPLATES[t % 4].format(o=_a(obj))
-        text += " next to " + _join(named) if named else ""
-      else:
-        if names_occupation[i, j]:
-          text = _OCCUPATION_TEMPLATES[t % 4].format(
-              s=_a(subject), o=_a(OCCUPATIONS[ex["occupation"][i]]))
-        else:
-          text = _PERSON_TEMPLATES[t % 4].format(s=_a(subject))
-        text += " with " + _join(named) if named else ""
-      out[i, j] = text.encode("utf-8")
-  return out
+def scene_attributes(cfg: ml_collections.ConfigDict, split: str, start: int = 0,
+                     stop: int | None = None) -> dict[str, np.ndarray]:
+  """What the object scenes of rows [start, stop) show, without rendering them.
+
+  Returns int64 arrays [N] shape, colour, pattern (indices into scenes.SHAPES, COLOUR_NAMES,
+  PATTERNS), size, count, background and [N, scenes.MAX_OBJECTS] column, row (grid cells;
+  slots >= count are -1). Rows of people are -1 throughout, and so are a legacy scene's
+  attributes (its class fixes shape and colour), but for its background ('varied' worlds).
+  """
+  cfg = _complete(cfg)
+  validate_config(cfg)
+  stop = _check_range(cfg, split, start, stop)
+  keys = ("shape", "colour", "pattern", "size", "count", "background", "column", "row")
+  parts = []
+  for _, ex, scene in _chunks(cfg, split, start, stop):
+    part = {key: scene[key].astype(np.int64) for key in keys}
+    slots = np.arange(scenes.MAX_OBJECTS)[None, :] >= part["count"][:, None]
+    for key in ("column", "row"):
+      part[key][slots] = -1
+    person = ex["kind"] == 1
+    if cfg.object_scenes == "legacy":
+      person = np.ones_like(person)  # all but the background mean nothing there
+    for key in keys:
+      part[key][person] = -1
+    if cfg.object_background == "varied":
+      part["background"] = np.where(ex["kind"] == 1, -1, scene["background"])
+    parts.append(part)
+  if not parts:
+    return {key: np.zeros((0,) + ((scenes.MAX_OBJECTS,) if key in ("column", "row") else ()),
+                          np.int64) for key in keys}
+  return {key: np.concatenate([p[key] for p in parts]) for key in keys}
 
 
 def generate_split(cfg: ml_collections.ConfigDict, split: str, start: int = 0,
@@ -354,21 +272,13 @@ def generate_split(cfg: ml_collections.ConfigDict, split: str, start: int = 0,
   object(bytes) [N,K], kind/gender/occupation/object_label int32 [N],
   s uint8 [N,m], y uint8 [N,c], w uint8 [N,p].
   """
+  cfg = _complete(cfg)
   validate_config(cfg)
-  size = split_size(cfg, split)
-  stop = size if stop is None else stop
-  if not 0 <= start <= stop <= size:
-    raise ValueError(f"Need 0 <= start={start} <= stop={stop} <= "
-                     f"world.sizes.{split}={size}.")
+  stop = _check_range(cfg, split, start, stop)
   parts = []
-  for chunk in range(start // CHUNK_SIZE, -(-stop // CHUNK_SIZE)):
-    lo = max(start, chunk * CHUNK_SIZE)
-    hi = min(stop, (chunk + 1) * CHUNK_SIZE)
-    rows = slice(lo - chunk * CHUNK_SIZE, hi - chunk * CHUNK_SIZE)
-    r = {key: v[rows] for key, v in _draw_chunk(cfg, split, chunk).items()}
-    ex = _labels(cfg, split, r, np.arange(lo, hi))
-    ex["image"] = _render(cfg, split, r, ex)
-    ex["captions"] = _captions(cfg, split, r, ex)
+  for r, ex, scene in _chunks(cfg, split, start, stop):
+    ex["image"] = _render(cfg, split, r, ex, scene)
+    ex["captions"] = captions_lib.captions(cfg, split, r, ex, scene)
     parts.append(ex)
   if not parts:
     return _empty(cfg)
