@@ -35,3 +35,34 @@ def word_table(axis: dict, dim: int) -> np.ndarray:
   for i, word in enumerate(vocab):
     table[i + 1, axis[word]] = 1.0
   return table
+
+
+def index_image(index):
+  """uint8 [2, 4, 3] image carrying `index` in its first two bytes."""
+  flat = np.zeros(24, np.uint8)
+  flat[:2] = divmod(index, 256)
+  return flat.reshape(2, 4, 3)
+
+
+def embed_indexed_images(params, images):
+  """params['images'][i] for each `index_image(i)` (as the eval pipeline scales it to [-1, 1])."""
+  pixels = np.round((images + 1.0) * 127.5).astype(np.int64).reshape(len(images), -1)
+  index = pixels[:, 0] * 256 + pixels[:, 1]
+  return params["images"][np.where(index < len(params["images"]), index, 0)]  # 0: padding
+
+
+def embed_word_sums(params, tokens):
+  """The normalised sum of params['words'] over a prompt's token ids."""
+  return unit(params["words"][tokens].sum(1))
+
+
+def bias_context(num_objects, genders, words: dict, max_len: int):
+  """An EvalContext with `num_objects` object images and one people image per gender, embedded
+  by index (`params['images']`) and bag of words (`params['words']`), at temperature
+  params['t']."""
+  from siglip_fair.evaluate import evaluators as ev  # pylint: disable=g-import-not-at-top
+  sources = {"objects": [{"image": index_image(i)} for i in range(num_objects)],
+             "people": [{"image": index_image(num_objects + i), "gender": np.int32(g)}
+                        for i, g in enumerate(genders)]}
+  return ev.EvalContext(embed_indexed_images, embed_word_sums, BagOfWords(words, max_len),
+                        sources, batch_size=16, temperature=lambda params: params["t"])

@@ -25,29 +25,8 @@ VOCAB = sorted({"a", "an", "photo", "picture", "of", *(w for ws in GROUP_WORDS.v
                 *(w for ws in LABEL_WORDS.values() for w in ws)})
 
 
-def _image(index):
-  flat = np.zeros(24, np.uint8)
-  flat[:2] = divmod(index, 256)
-  return flat.reshape(2, 4, 3)
-
-
-def _embed_images(params, images):
-  pixels = np.round((images + 1.0) * 127.5).astype(np.int64).reshape(len(images), -1)
-  index = pixels[:, 0] * 256 + pixels[:, 1]
-  return params["images"][np.where(index < len(params["images"]), index, 0)]  # 0: padding
-
-
-def _embed_texts(params, tokens):
-  return fake_towers.unit(params["words"][tokens].sum(1))
-
-
 def _context(num_objects, genders):
-  sources = {"objects": [{"image": _image(i)} for i in range(num_objects)],
-             "people": [{"image": _image(num_objects + i), "gender": np.int32(g)}
-                        for i, g in enumerate(genders)]}
-  return ev.EvalContext(_embed_images, _embed_texts,
-                        fake_towers.BagOfWords({w: 0 for w in VOCAB}, 8), sources,
-                        batch_size=16, temperature=lambda params: params["t"])
+  return fake_towers.bias_context(num_objects, genders, {w: 0 for w in VOCAB}, 8)
 
 
 def _params(word_vec, images, t):

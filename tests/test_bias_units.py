@@ -18,29 +18,8 @@ PAIRS = (("nurse", "doctor"), ("librarian", "scientist"))
 BIAS_CONFIG = {"templates": ["{}"], "bootstrap": {"num_samples": 0}}
 
 
-def _image(index):
-  """uint8 [2, 4, 3] image carrying `index` in its first two bytes."""
-  flat = np.zeros(24, np.uint8)
-  flat[:2] = divmod(index, 256)
-  return flat.reshape(2, 4, 3)
-
-
-def _embed_images(params, images):
-  pixels = np.round((images + 1.0) * 127.5).astype(np.int64).reshape(len(images), -1)
-  index = pixels[:, 0] * 256 + pixels[:, 1]
-  return params["images"][np.where(index < len(params["images"]), index, 0)]  # 0: padding
-
-
-def _embed_texts(params, tokens):
-  return fake_towers.unit(params["words"][tokens].sum(1))
-
-
 def _context(num_objects, genders):
-  sources = {"objects": [{"image": _image(i)} for i in range(num_objects)],
-             "people": [{"image": _image(num_objects + i), "gender": np.int32(g)}
-                        for i, g in enumerate(genders)]}
-  return ev.EvalContext(_embed_images, _embed_texts, fake_towers.BagOfWords(WORDS, 4), sources,
-                        batch_size=16, temperature=lambda params: params["t"])
+  return fake_towers.bias_context(num_objects, genders, WORDS, 4)
 
 
 def _params(word_vectors, image_emb, t):
