@@ -72,3 +72,23 @@ def test_readme_sweep_and_results_commands_run_as_written(tmp_path):
   # Every cell, each over the sweep's seeds of 2 steps x 8 examples, and the findings.
   assert table.count("16ex") >= len(study.CELLS) and "balanced_proxies" in table
   assert (workdir / "results_findings.json").exists()
+
+
+def test_readme_debias_sensitivity_command_runs_as_written(tmp_path):
+  """The world-task sensitivity analysis as the README writes it, on a tiny task: a 60-step
+  two-tower model, 20-step target models, 400 training images."""
+  (sens,) = [c for c in _commands("siglip_fair", "debias") if "analysis=sensitivity" in c.block]
+  argv = [sys.executable if w == "python" else w for w in sens.argv]
+  argv = [os.path.join(REPO, w) if w.startswith("configs/") else w for w in argv]
+  tiny = ["--config.target.steps=20", "--config.target.jtt_first_steps=6",
+          "--config.target.eval_every=10", "--config.clip.config.total=60",
+          "--config.clip.config.world.sizes.train=800", "--config.clip.config.batch_size=32",
+          "--config.clip.config.eval_every=100%", "--config.task.size=400",
+          "--config.task.val_size=100", "--config.task.test_size=200"]
+  result = _run(argv + tiny, tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  workdir = tmp_path / sens.argv[sens.argv.index("--workdir") + 1]
+  table = (workdir / "sensitivity.md").read_text()
+  for factor in ("prompt_sets", "k", "refresh_every", "tau"):  # one row per value varied
+    assert f"| {factor} |" in table, table
+  assert (workdir / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
