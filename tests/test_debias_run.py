@@ -41,7 +41,7 @@ def _config(arg, clip_dir, **overrides):
 def test_debias_command_on_digits_trains_the_two_tower_and_every_method(clip_dir, tmp_path):
   # The README's command as written (in a fresh folder), on tiny settings: 2 seeds, 20 target
   # steps, a 60-step two-tower model.
-  from test_docs import readme_commands  # pylint: disable=g-import-not-at-top
+  from doc_commands import readme_commands  # pylint: disable=g-import-not-at-top
   (readme,) = [c for c in readme_commands() if c.subcommand == "debias"
                and c.config == "configs/debias.py:task=digits"]
   workdir = str(tmp_path / readme.argv[readme.argv.index("--workdir") + 1])

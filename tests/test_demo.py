@@ -60,7 +60,7 @@ TINY_DEMO = ["--config.total=30", "--config.batch_size=32", "--config.model.imag
 
 def _readme_demo_command() -> list[str]:
   """The README's quick-start demo command (after its set-up steps), as written."""
-  from test_docs import readme_commands  # pylint: disable=g-import-not-at-top
+  from doc_commands import readme_commands  # pylint: disable=g-import-not-at-top
   (demo,) = [c for c in readme_commands() if c.subcommand == "demo" and not c.inline][:1]
   assert demo.program == "siglip_fair" and demo.argv[:3] == ("python", "-m", "siglip_fair")
   return list(demo.argv[3:])

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from test_docs import readme_commands
+from doc_commands import readme_commands
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.world.sizes.train=200", "--config.world.sizes.objects=20",
