@@ -168,7 +168,8 @@ def _commands() -> dict[str, Callable]:
     from siglip_fair.train.progress import eval_summary_line
     checks.check_data(config)
     if output:
-      _usable(output)
+      from siglip_fair import workdir as workdir_lib
+      workdir_lib.check_usable(output)
     result, path = run_record.evaluate(workdir, config, output)
     print(eval_summary_line(result["step"], result))
     print(f"eval: step {result['step']} of {workdir}; wrote {path}")
@@ -221,11 +222,6 @@ def _workdir(path: str, command: str):
   with workdir_lib.lock(path, " ".join(["siglip-fair", command, *sys.argv[2:]]),
                         lead=jax.process_index() == 0):
     yield
-
-
-def _usable(path: str) -> None:
-  from siglip_fair import workdir as workdir_lib
-  workdir_lib.check_usable(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -51,10 +51,10 @@ def _stat(path: str) -> dict:
   return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def read(folder: str) -> dict | None:
+def read(folder: str, filename: str = FILENAME) -> dict | None:
   """The fingerprint stored in `folder`, or None (none recorded, or unreadable)."""
   try:
-    with open(os.path.join(folder, FILENAME), encoding="utf-8") as f:
+    with open(os.path.join(folder, filename), encoding="utf-8") as f:
       return json.load(f)
   except (OSError, ValueError):
     return None
