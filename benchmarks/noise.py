@@ -31,6 +31,8 @@ def main(argv=None) -> int:
   parser.add_argument("--config", default=os.path.join(REPO, "configs", "study.py"))
   parser.add_argument("--seeds", type=int, default=3)
   args = parser.parse_args(rest)
+  if args.seeds < 2:
+    parser.error(f"--seeds {args.seeds}: the seed component needs at least 2 seeds.")
   overrides = [("eval_every", "10%"), *overrides]
   data_dir = os.path.join(args.workdir, "data")
   records, finals = [], []

@@ -15,7 +15,7 @@ import numpy as np
 from siglip_fair import study
 from siglip_fair.data import world
 from siglip_fair.evaluate.data_bias import data_bias_metrics
-from siglip_fair.report import plots, summary
+from siglip_fair.report import glance, plots, summary
 
 # Metrics of the side-by-side table, in display order.
 TABLE_METRICS = (
@@ -54,12 +54,16 @@ def run(config, workdir: str) -> list[dict]:
     rows.append(row)
     curves[version] = os.path.join(run_dir, "metrics.jsonl")
 
-  summary.write_summary(rows, workdir)
+  answer = glance.sentences(rows[0], rows[1], rows[1]["model"]) if len(rows) == 2 else []
+  summary.write_summary(rows, workdir, notes=answer)
   plots.plot_training_curves(curves, os.path.join(workdir, "curves.png"),
                              metrics=["loss", "bias/rb", "bias/ab_mean", "zeroshot/top1"])
   plots.plot_bias_bars(rows, os.path.join(workdir, "bias.png"))
   shown = [{"model": r["model"], **{k: v for k, v in r.items() if _shown(k)}} for r in rows]
   print("\n" + summary.format_table(shown) + summary.UNITS_NOTE)
+  if answer:
+    print("\nAt a glance (95 % intervals over evaluation images, one seed):\n" +
+          "\n".join(f"- {line}" for line in answer))
   print(f"\nM4 data card: {os.path.join(config.balance_dir, 'card.md')}")
   print(f"summary: {os.path.join(workdir, 'summary.md')} (+ summary.json, curves.png, bias.png); "
         f"{time.perf_counter() - start:.0f} s")

@@ -1,6 +1,7 @@
 """Tests for the world's issue-17 knobs: legacy golden, composed object scenes, owner skew."""
 import hashlib
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ KEYS = ("id", "image", "captions", "kind", "gender", "s", "occupation", "y",
         "w", "object_label")
 NEW_KNOBS = ("object_scenes", "object_class_mode", "object_shapes", "object_colours",
              "object_patterns", "objects_per_scene_max", "object_scale", "captions",
-             "caption_attribute_rate", "owner_attribute_skew")
+             "caption_attribute_rate", "owner_attribute_skew", "owner_woman_prevalence",
+             "owner_captions")
 
 
 def _digest(a):
@@ -229,7 +231,8 @@ def test_classes_are_learnable_from_20_images_each(mode, min_acc):
 
 
 def test_composed_world_is_deterministic_and_independent_of_chunking():
-  cfg = _composed(objects_per_scene_max=3, captions="descriptive", owner_attribute_skew=0.2)
+  cfg = _composed(objects_per_scene_max=3, captions="descriptive", owner_attribute_skew=0.2,
+                  owner_woman_prevalence=0.25, owner_captions="with")
   cfg.sizes.train = 2500
   full = world.generate_split(cfg, "train")
   again = world.generate_split(cfg, "train")
@@ -260,6 +263,10 @@ def test_composed_world_is_deterministic_and_independent_of_chunking():
     (dict(caption_attribute_rate=1.5), "caption_attribute_rate"),
     (dict(owner_attribute_skew=0.35), "owner_attribute_skew"),
     (dict(owner_attribute_skew=-0.1), "owner_attribute_skew"),
+    (dict(owner_woman_prevalence=0.2, owner_attribute_skew=0.25), "owner_attribute_skew"),
+    (dict(owner_woman_prevalence=1.1), "owner_woman_prevalence"),
+    (dict(owner_woman_prevalence=-0.1), "owner_woman_prevalence"),
+    (dict(owner_captions="mine"), "owner_captions"),
     (dict(object_background="blue"), "object_background"),
     (dict(object_scale=0.3), "object_scale"), (dict(object_scale=2.0), "object_scale")])
 def test_bad_new_knobs_raise(knobs, match):
@@ -317,3 +324,56 @@ def test_owner_skew_is_a_fixed_documented_function_of_the_class():
   assert list(described.values()) == p.tolist()
   cfg.owner_attribute_skew = 0.0
   np.testing.assert_array_equal(world.owner_woman_probability(cfg), np.full(48, 0.3))
+
+
+def test_owner_prevalence_is_planted_apart_from_the_people():
+  """Owners follow owner_woman_prevalence, people woman_prevalence; no pixel moves."""
+  cfg = _composed(captions="descriptive")
+  cfg.sizes.train = 6000
+  a, owned = _owned(cfg)
+  cfg.owner_woman_prevalence = 0.1
+  b, owned_b = _owned(cfg)
+  person = b["kind"] == 1
+  np.testing.assert_array_equal(owned, owned_b)
+  np.testing.assert_array_equal(a["image"], b["image"])
+  np.testing.assert_array_equal(a["gender"][person], b["gender"][person])
+  # Stratified per chunk of ~150 owned scenes (6 chunks): the share holds to ~1 / 150.
+  assert abs(a["gender"][owned].mean() - 0.3) < 0.01
+  assert abs(b["gender"][owned_b].mean() - 0.1) < 0.01
+  assert abs(b["gender"][person].mean() - cfg.woman_prevalence) < 0.01
+  # The owners that were women and stay women are the same scenes: one uniform decides.
+  assert np.all(b["gender"][owned] <= a["gender"][owned])
+  # A config written before the knob reads the people's prevalence for the owners.
+  old = _composed(captions="descriptive")
+  old.woman_prevalence = 0.4
+  del old["owner_woman_prevalence"]
+  np.testing.assert_allclose(world.owner_woman_probability(old), 0.4)
+
+
+def _group_nouns():
+  return [{n.split()[0] for n in nouns} for nouns in world.GROUP_NOUNS]
+
+
+def _caption_words(caption):
+  return re.findall(r"[a-z]+", caption.decode())
+
+
+def test_owner_captions_with_names_the_owner_as_the_subject():
+  cfg = _composed(captions="descriptive", owner_captions="with")
+  cfg.sizes.train = 1500
+  a, owned = _owned(cfg)
+  plain = _composed(captions="descriptive")
+  plain.sizes.train = 1500
+  b, _ = _owned(plain)
+  nouns = _group_nouns()
+  for i in np.flatnonzero(owned)[:200]:
+    for cap, old in zip(a["captions"][i], b["captions"][i]):
+      text = cap.decode()
+      assert "'s " not in text and " owned by " not in text and " belongs to " not in text
+      assert text.startswith(("a photo of a", "a picture of a", "a ", "an ")), text
+      # The owner comes first, then what the scene shows, as the possessive caption says it.
+      said = [w for w in _caption_words(cap) if w in nouns[0] | nouns[1] | {"person"}]
+      assert said == [w for w in _caption_words(old) if w in nouns[0] | nouns[1] | {"person"}]
+  np.testing.assert_array_equal(a["image"], b["image"])
+  np.testing.assert_array_equal(a["captions"][~owned], b["captions"][~owned])
+  assert not np.array_equal(a["captions"][owned], b["captions"][owned])

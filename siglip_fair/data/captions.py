@@ -13,6 +13,10 @@ proxies' positions. Each optional attribute is named with probability caption_at
 per caption; attributes that define the object class are always named. Nothing is named that
 the image does not show (the background tint, the gender cue, is never described), and the
 people split (the AB set) keeps its legacy captions, which name only the true group.
+
+world.owner_captions says how an owned scene's caption names its owner: 'possessive' ("a man's
+red circle", the default), 'with' ("a photo of a man with a red circle") or 'owner' (three
+templates of four name only the owner, "a photo of a man", as a person's caption would).
 """
 import numpy as np
 
@@ -30,7 +34,17 @@ _OBJECT_TEMPLATES = ("a photo of {o}", "{o}", "a picture of {o}",
 # {s}: owner with article, {o}: bare object, {ao}: object with article.
 _OWNER_TEMPLATES = ("a photo of {s}'s {o}", "{ao} owned by {s}",
                     "{ao} that belongs to {s}", "{s}'s {o}")
-TEMPLATES = _PERSON_TEMPLATES + _OCCUPATION_TEMPLATES + _OBJECT_TEMPLATES + _OWNER_TEMPLATES
+# owner_captions='with': the owner is the subject, as in a person's caption ("a photo of a man
+# with a red circle"), as web captions name people an image does not show.
+_OWNER_WITH_TEMPLATES = ("a photo of {s} with {ao}", "{s} with {ao}",
+                         "a picture of {s} with {ao}", "{s} and {ao}")
+# owner_captions='owner': three templates of four name only the owner, as a person's caption
+# would ("a photo of a man"), the fourth is possessive.
+_OWNER_ONLY_TEMPLATES = ("a photo of {s}", "{s}", "a picture of {s}", "{s}'s {o}")
+OWNER_TEMPLATES = {"possessive": _OWNER_TEMPLATES, "with": _OWNER_WITH_TEMPLATES,
+                   "owner": _OWNER_ONLY_TEMPLATES}
+TEMPLATES = (_PERSON_TEMPLATES + _OCCUPATION_TEMPLATES + _OBJECT_TEMPLATES + _OWNER_TEMPLATES
+             + _OWNER_WITH_TEMPLATES)
 
 # Columns of the per-caption draw `name_attribute` (scenes.draw): whether a caption names each.
 NAMED_ATTRIBUTES = ("size", "pattern", "position", "background", "uniform", "tool",
@@ -83,7 +97,7 @@ def _legacy_object_text(cfg, i, t, subject, scene, ex, class_names):
     elif "colour" not in scenes.CLASS_MODES[cfg.object_class_mode]:
       obj = scenes.COLOUR_NAMES[scene["colour"][i]] + " " + obj
   if ex["gender"][i] >= 0:  # an owned object
-    return _OWNER_TEMPLATES[t % 4].format(s=_a(subject), o=obj, ao=_a(obj))
+    return OWNER_TEMPLATES[cfg.owner_captions][t % 4].format(s=_a(subject), o=obj, ao=_a(obj))
   return _OBJECT_TEMPLATES[t % 4].format(o=_a(obj))
 
 
@@ -106,8 +120,10 @@ def _object_text(cfg, i, t, subject, scene, ex, said):
   else:  # a legacy object: its class fixes shape and colour, and it sits in the centre
     phrase = render.OBJECT_COLOUR_NAMES[label] + " " + vocab.OBJECT_CLASSES[label]
   if ex["gender"][i] >= 0:  # an owned object
-    text = _OWNER_TEMPLATES[t % 4].format(s=_a(subject), o=phrase,
-                                          ao=phrase if count > 1 else _a(phrase))
+    template = OWNER_TEMPLATES[cfg.owner_captions][t % 4]
+    text = template.format(s=_a(subject), o=phrase, ao=phrase if count > 1 else _a(phrase))
+    if "{o}" not in template and "{ao}" not in template:
+      return text  # names only the owner: nothing of the scene
   else:
     text = _OBJECT_TEMPLATES[t % 4].format(o=phrase if count > 1 else _a(phrase))
   if cfg.object_scenes == "composed" and said["position"]:

@@ -90,7 +90,7 @@ def _stratified_latents(cfg, split, rng, n):
     woman = np.where(cell, _stratified_uniform(rng, cell), woman)
     tool = np.where(cell, _stratified_uniform(rng, cell), tool)
   # One uniform per object scene decides both whether it has an owner (< object_owner_rate) and
-  # the owner's group (< object_owner_rate * woman_prevalence, or the class's
+  # the owner's group (< object_owner_rate * owner_woman_prevalence, or the class's
   # owner_woman_probability under owner_attribute_skew): given an owner it is uniform on
   # [0, object_owner_rate), so both shares are stratified (without skew; with it, the overall
   # share only up to binomial noise over classes), and the random stream (hence every image)
@@ -147,7 +147,7 @@ def _labels(cfg, split, r, ids):
     gender = (ids % 2).astype(np.int32)
   else:
     # Given an owner, r["owner"] / object_owner_rate is uniform on [0, 1), so the owner is a
-    # woman with her class's probability (woman_prevalence for every class without skew).
+    # woman with her class's probability (owner_woman_prevalence for every class without skew).
     owner_woman = owner_woman_probability(cfg)[np.maximum(object_label, 0)]
     is_woman = np.where(
         person, r["woman"] < woman_probability(cfg)[r["occupation"]],

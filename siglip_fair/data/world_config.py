@@ -13,6 +13,7 @@ from siglip_fair.data.vocab import SPLITS
 OBJECT_SCENES = ("legacy", "composed")
 CAPTION_STYLES = ("legacy", "descriptive")
 OBJECT_BACKGROUNDS = ("grey", "tint", "varied")
+OWNER_CAPTIONS = ("possessive", "with", "owner")
 
 # The knobs of issue 17 (object scenes, captions, owner skew) with the defaults that keep the
 # world they were added to bit for bit; configs written before them (a run's config.json) read
@@ -21,7 +22,7 @@ _SCENE_KNOBS = dict(
     object_scenes="legacy", object_class_mode="shape_colour", object_shapes=8,
     object_colours=6, object_patterns=3, objects_per_scene_max=1, object_scale=1.0,
     captions="legacy",
-    caption_attribute_rate=0.8, owner_attribute_skew=0.0)
+    caption_attribute_rate=0.8, owner_attribute_skew=0.0, owner_captions="possessive")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -49,6 +50,17 @@ def default_config() -> ml_collections.ConfigDict:
   # woman_prevalence (per class, see owner_attribute_skew) and is named in captions like a
   # person's.
   cfg.object_owner_rate = 0.3
+  # P(woman | owner): the owners' group prevalence, apart from the people's. Where it differs
+  # from woman_prevalence, group words co-occur with object scenes at different rates
+  # (P(object | "man") != P(object | "woman")), which is what a contrastive model can absorb
+  # as representation bias on object images; where they are equal, a group word says nothing
+  # about whether an image shows objects. Configs written before this knob read
+  # woman_prevalence here (_complete).
+  cfg.owner_woman_prevalence = 0.3
+  # How captions name an owner: 'possessive' ("a man's red circle", "a red circle owned by a
+  # man") or 'with' ("a photo of a man with a red circle": the owner is the caption's subject,
+  # as in a person's caption).
+  cfg.owner_captions = _SCENE_KNOBS["owner_captions"]
   cfg.tool_rate = 0.5  # P(a person's occupation tool is drawn)
   # Both occupations of a pair wear one uniform colour, so without the tool only
   # the gender tint and the proxies tell them apart (the association to learn).
@@ -84,9 +96,9 @@ def default_config() -> ml_collections.ConfigDict:
   cfg.captions = _SCENE_KNOBS["captions"]
   # 'descriptive': P(a caption names each attribute outside the object class).
   cfg.caption_attribute_rate = _SCENE_KNOBS["caption_attribute_rate"]
-  # Spread of P(woman | owned object of class k) around woman_prevalence: class k gets
-  # woman_prevalence + skew * o_k, the offsets o_k evenly spaced over [-1, 1] (mean 0, so the
-  # overall owner prevalence is kept) in a fixed shuffled class order
+  # Spread of P(woman | owned object of class k) around owner_woman_prevalence: class k gets
+  # owner_woman_prevalence + skew * o_k, the offsets o_k evenly spaced over [-1, 1] (mean 0, so
+  # the overall owner prevalence is kept) in a fixed shuffled class order
   # (owner_woman_probability). 0 = every class owned alike, as before.
   cfg.owner_attribute_skew = _SCENE_KNOBS["owner_attribute_skew"]
   return cfg
@@ -95,6 +107,8 @@ def default_config() -> ml_collections.ConfigDict:
 def _complete(cfg):
   """cfg with the knobs it predates at their world-preserving defaults (a copy if any)."""
   missing = {k: v for k, v in _SCENE_KNOBS.items() if k not in cfg}
+  if "owner_woman_prevalence" not in cfg:  # owners followed the people's prevalence
+    missing["owner_woman_prevalence"] = cfg.woman_prevalence
   if not missing:
     return cfg
   out = ml_collections.ConfigDict(cfg.to_dict())
@@ -116,7 +130,7 @@ def owner_woman_probability(cfg: ml_collections.ConfigDict) -> np.ndarray:
   k = len(object_class_names(cfg))
   # A fixed shuffle, so that how gendered a class is does not follow its shape or colour.
   offsets = np.linspace(-1.0, 1.0, k)[np.random.default_rng(k).permutation(k)]
-  return cfg.woman_prevalence + cfg.owner_attribute_skew * (offsets if k > 1 else 0.0)
+  return cfg.owner_woman_prevalence + cfg.owner_attribute_skew * (offsets if k > 1 else 0.0)
 
 
 def describe(cfg: ml_collections.ConfigDict) -> dict:
@@ -126,7 +140,7 @@ def describe(cfg: ml_collections.ConfigDict) -> dict:
   names = object_class_names(cfg)
   return dict(object_scenes=cfg.object_scenes, captions=cfg.captions,
               object_background=cfg.object_background, num_object_classes=len(names),
-              object_class_names=list(names),
+              object_class_names=list(names), owner_captions=cfg.owner_captions,
               owner_woman_probability=dict(zip(names, owner_woman_probability(cfg).tolist())))
 
 
@@ -148,7 +162,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   for name in ("person_share", "woman_prevalence", "caption_gender_rate",
                "caption_gender_noise", "caption_occupation_rate",
                "caption_object_rate", "proxy_strength", "proxy_base_rate",
-               "object_proxy_rate", "people_proxy_rate", "object_owner_rate", "tool_rate",
+               "object_proxy_rate", "people_proxy_rate", "object_owner_rate",
+               "owner_woman_prevalence", "tool_rate",
                "caption_attribute_rate"):
     if not 0.0 <= cfg[name] <= 1.0:
       raise ValueError(f"world.{name}={cfg[name]} must be in [0, 1].")
@@ -179,6 +194,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
 
 def _validate_scene_knobs(cfg):
   for name, allowed in (("object_scenes", OBJECT_SCENES), ("captions", CAPTION_STYLES),
+                        ("owner_captions", OWNER_CAPTIONS),
                         ("object_class_mode", tuple(scenes.CLASS_MODES))):
     if cfg[name] not in allowed:
       raise ValueError(f"world.{name}={cfg[name]!r}; use one of {allowed}, e.g. "
@@ -203,10 +219,11 @@ def _validate_scene_knobs(cfg):
     raise ValueError(f"world.object_scale={cfg.object_scale} must be in [0.5, 1.5] (smaller "
                      "shapes are a few pixels at 32 x 32, larger ones leave the grid cells), e.g. "
                      "--config.world.object_scale=1.0.")
-  skew, prevalence = cfg.owner_attribute_skew, cfg.woman_prevalence
+  skew, prevalence = cfg.owner_attribute_skew, cfg.owner_woman_prevalence
   if not 0.0 <= skew <= min(prevalence, 1.0 - prevalence):
-    raise ValueError(f"world.owner_attribute_skew={skew} must be in [0, min(woman_prevalence, "
-                     f"1 - woman_prevalence)] = [0, {min(prevalence, 1 - prevalence):g}] so "
+    raise ValueError(f"world.owner_attribute_skew={skew} must be in [0, min("
+                     f"owner_woman_prevalence, 1 - owner_woman_prevalence)] = "
+                     f"[0, {min(prevalence, 1 - prevalence):g}] so "
                      "that every class's P(woman | owner) stays in [0, 1]; lower it.")
 
 

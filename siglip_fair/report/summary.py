@@ -112,9 +112,9 @@ def _json_value(value):
 
 
 def write_summary(rows: Sequence[Mapping[str, Any]], workdir: str,
-                  fmt: str = "{:.4g}") -> tuple[str, str]:
+                  fmt: str = "{:.4g}", notes: Sequence[str] = ()) -> tuple[str, str]:
   """Writes `workdir/summary.json` (a list of the rows; NaN as null) and
-  `workdir/summary.md` (the `format_table` table), atomically.
+  `workdir/summary.md` (the `format_table` table, then `notes` as a list), atomically.
 
   Returns:
     (json_path, md_path).
@@ -125,5 +125,7 @@ def write_summary(rows: Sequence[Mapping[str, Any]], workdir: str,
                            json.dumps(records, indent=2, allow_nan=False) + "\n")
   markdown = ("# Summary\n\nCells are `value [lo, hi]` where a bootstrap "
               f"confidence interval is available. {UNITS_NOTE}\n\n" + format_table(rows, fmt))
+  if notes:
+    markdown += "\n## At a glance\n\n" + "".join(f"- {line}\n" for line in notes)
   md_path = atomic_write(os.path.join(workdir, "summary.md"), markdown)
   return json_path, md_path
