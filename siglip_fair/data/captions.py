@@ -43,8 +43,8 @@ _OWNER_WITH_TEMPLATES = ("a photo of {s} with {ao}", "{s} with {ao}",
 _OWNER_ONLY_TEMPLATES = ("a photo of {s}", "{s}", "a picture of {s}", "{s}'s {o}")
 OWNER_TEMPLATES = {"possessive": _OWNER_TEMPLATES, "with": _OWNER_WITH_TEMPLATES,
                    "owner": _OWNER_ONLY_TEMPLATES}
-TEMPLATES = (_PERSON_TEMPLATES + _OCCUPATION_TEMPLATES + _OBJECT_TEMPLATES + _OWNER_TEMPLATES
-             + _OWNER_WITH_TEMPLATES)
+TEMPLATES = (_PERSON_TEMPLATES + _OCCUPATION_TEMPLATES + _OBJECT_TEMPLATES
+             + sum(OWNER_TEMPLATES.values(), ()))
 
 # Columns of the per-caption draw `name_attribute` (scenes.draw): whether a caption names each.
 NAMED_ATTRIBUTES = ("size", "pattern", "position", "background", "uniform", "tool",

@@ -47,19 +47,20 @@ def default_config() -> ml_collections.ConfigDict:
   cfg.object_proxy_rate = 0.05  # P(a proxy drawn | object scene), per proxy
   cfg.people_proxy_rate = 0.3  # P(a proxy drawn), per proxy, in the people (AB) split
   # P(an object scene has an owner) in OWNER_SPLITS; the owner's group follows
-  # woman_prevalence (per class, see owner_attribute_skew) and is named in captions like a
+  # owner_woman_prevalence (per class, see owner_attribute_skew) and is named in captions like a
   # person's.
   cfg.object_owner_rate = 0.3
   # P(woman | owner): the owners' group prevalence, apart from the people's. Where it differs
   # from woman_prevalence, group words co-occur with object scenes at different rates
-  # (P(object | "man") != P(object | "woman")), which is what a contrastive model can absorb
+  # (P(object | "man") != P(object | "woman")), which is what a contrastive model could absorb
   # as representation bias on object images; where they are equal, a group word says nothing
   # about whether an image shows objects. Configs written before this knob read
   # woman_prevalence here (_complete).
   cfg.owner_woman_prevalence = 0.3
   # How captions name an owner: 'possessive' ("a man's red circle", "a red circle owned by a
-  # man") or 'with' ("a photo of a man with a red circle": the owner is the caption's subject,
-  # as in a person's caption).
+  # man"), 'with' ("a photo of a man with a red circle": the owner is the caption's subject, as
+  # in a person's caption) or 'owner' (three templates of four name only the owner, "a photo
+  # of a man"; captions.py).
   cfg.owner_captions = _SCENE_KNOBS["owner_captions"]
   cfg.tool_rate = 0.5  # P(a person's occupation tool is drawn)
   # Both occupations of a pair wear one uniform colour, so without the tool only

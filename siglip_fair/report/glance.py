@@ -2,14 +2,15 @@
 
 A sentence says "reduced" / "raised" only when the two models' 95 % intervals do not overlap,
 "shows a representation bias" only when the baseline's RB interval excludes 0; otherwise it
-says that the difference is not resolved. The seed-level tests of the sweep (report/findings.py) are the study's
-verdicts; these are one seed's, over evaluation images.
+says that the difference is not resolved. The seed-level tests of the sweep
+(report/findings.py) are the study's verdicts; these are one seed's, over evaluation images.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
+
+from siglip_fair.report.summary import _number  # pylint: disable=protected-access
 
 # (metric, what it is, unit): RB / AB in points, the quality metrics as fractions.
 COMPARED = (("bias/rb", "representation bias (RB)", "points"),
@@ -19,12 +20,11 @@ COMPARED = (("bias/rb", "representation bias (RB)", "points"),
 
 
 def _interval(row: Mapping[str, Any], metric: str):
-  value = row.get(metric)
-  lo, hi = row.get(metric + "_lo"), row.get(metric + "_hi")
-  if not isinstance(value, (int, float)) or not math.isfinite(value):
+  """(value, lo, hi) of a metric, lo = hi = None without a finite interval; None if missing."""
+  value, lo, hi = (_number(row.get(metric + b)) for b in ("", "_lo", "_hi"))
+  if value is None:
     return None
-  ok = all(isinstance(b, (int, float)) and math.isfinite(b) for b in (lo, hi))
-  return (float(value), float(lo), float(hi)) if ok else (float(value), None, None)
+  return (value, lo, hi) if lo is not None and hi is not None else (value, None, None)
 
 
 def _fmt(iv, unit):
