@@ -19,9 +19,13 @@ from siglip_fair.data import world
 from siglip_fair.evaluate.evaluators import default_evals_config
 
 
-def get_config(arg=None):
-  arg = parse_arg(arg, variant="mu/8", text="mu", width=64, depth=2, embed=64, res=32,
-                  steps=1200, batch=128, loss="sigmoid", data="baseline", seed=0, lr=3e-3)
+ARGS = dict(variant="mu/8", text="mu", width=64, depth=2, embed=64, res=32, steps=1200,
+            batch=128, loss="sigmoid", data="baseline", seed=0, lr=3e-3)
+
+
+def get_config(arg=None, **defaults):
+  """`defaults` replace entries of `ARGS` for configs built on this one (configs/demo.py)."""
+  arg = parse_arg(arg, **{**ARGS, **defaults})
   c = ml_collections.ConfigDict()
   c.seed = arg.seed
 

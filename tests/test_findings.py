@@ -221,6 +221,12 @@ def test_data_directions_follow_the_world_and_the_evaluators_contrast():
   assert findings.data_directions({"world": dict(world, woman_prevalence=0.5)})[0] == 0
   assert findings.data_directions({}) == (0, 0)
   assert findings.data_directions({"world": world, "train_data": "corpus"}) == (0, 0)
+  # RB is read on object images: the owners' skew decides it, whatever the people's is.
+  owners = dict(world, owner_woman_prevalence=0.9)
+  assert findings.data_directions({"world": owners}) == (-1, 1)
+  assert findings.data_directions({"world": dict(owners, owner_woman_prevalence=0.0,
+                                                 woman_prevalence=0.7)}) == (1, 1)
+  assert findings.data_directions({"world": dict(owners, owner_woman_prevalence=0.5)})[0] == 0
 
 
 def test_without_the_datas_direction_either_sign_reproduces_f1(tmp_path):

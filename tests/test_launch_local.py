@@ -75,7 +75,7 @@ def test_rerun_reuses_only_runs_made_from_the_same_inputs(tmp_path, capsys):
   # Another budget: the balanced run's keep mask changes, the baseline run is still valid.
   out = launch("--config.balance.eta=0.8")
   assert "2 runs, 1 finished, 1 to go" in out
-  assert "data=balanced was run from other inputs" in out and "balance.eta 0.65 -> 0.8" in out
+  assert "data=balanced was run from other inputs" in out and "balance.eta 0.5 -> 0.8" in out
   second = eval_mtimes()
   assert second["data=baseline"] == first["data=baseline"]
   assert second["data=balanced"] != first["data=balanced"]

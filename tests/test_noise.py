@@ -43,3 +43,36 @@ def test_from_runs_takes_the_last_half_and_intervals():
   assert out["step_var"] == pytest.approx(0.25)  # mean of 0.5 * mean((1, 1)) and 0
   with pytest.raises(ValueError, match="no evaluation"):
     noise.from_runs(records, finals, "bias/ab_mean")
+
+
+def test_noise_benchmark_decomposes_trained_runs_without_training(tmp_path, capsys):
+  """benchmarks/noise.py --runs reads each folder's metrics.jsonl and eval.json: its JSON line
+  equals report/noise.py's from_runs on the same files, and a folder without eval.json (an
+  unfinished run) is refused by name."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "noise.py")
+  spec = importlib.util.spec_from_file_location("noise_bench", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  rng = np.random.default_rng(0)
+  records, finals = [], []
+  for seed in range(3):
+    run = tmp_path / f"seed={seed}"
+    run.mkdir()
+    rows = [{"step": s, "bias/rb": float(rng.normal(10, 2))} for s in range(10, 110, 10)]
+    final = {"bias/rb": rows[-1]["bias/rb"], "bias/rb_lo": rows[-1]["bias/rb"] - 1,
+             "bias/rb_hi": rows[-1]["bias/rb"] + 1.5}
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "eval.json").write_text(json.dumps(final))
+    records.append(rows)
+    finals.append(final)
+  assert bench.main(["--runs", str(tmp_path / "seed=*")]) == 0
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert set(out) == {"bias/rb"}
+  assert out["bias/rb"] == pytest.approx(noise.from_runs(records, finals, "bias/rb"))
+  (tmp_path / "seed=3").mkdir()
+  with pytest.raises(SystemExit):
+    bench.main(["--runs", str(tmp_path / "seed=*")])
+  assert "seed=3 has no eval.json" in capsys.readouterr().err

@@ -57,7 +57,7 @@ def test_each_stage_recomputes_only_itself_and_what_follows(data_dir, tmp_path, 
   _, printed = _balance(_config(data_dir, progress=True), workdir, capsys)
   assert "balance: reusing" in printed
 
-  cases = [("balance", dict(balance__eta=0.75), "balance.eta 0.65 -> 0.75"),
+  cases = [("balance", dict(balance__eta=0.75), "balance.eta 0.5 -> 0.75"),
            ("annotation", dict(annotate__source="text"),
             'annotate.source "ground_truth" -> "text"'),
            ("world", dict(world__seed=1), "data.world")]

@@ -86,8 +86,12 @@ CLAIMS = (("F1", "rb", "B", None, "rb_direction"),
 
 def data_directions(config: dict) -> tuple[int, int]:
   """(RB, AB) signs a model that absorbs the training data's skews shows, from a run's
-  config.json: RB's from world.woman_prevalence and the RB evaluator's contrast, AB's from
-  world.association and the AB evaluator's contrast; 0 where unknown."""
+  config.json: RB's from the owners' prevalence of women (world.owner_woman_prevalence, which
+  defaults to the people's woman_prevalence) and the RB evaluator's contrast, AB's from
+  world.association and the AB evaluator's contrast; 0 where unknown.
+
+  RB is read on object images, which meet group words only through their owners' captions, so
+  the owners' skew is the one a model can absorb as RB."""
   world, evals = config.get("world") or {}, config.get("evals") or {}
   if config.get("train_data"):
     return 0, 0  # an imported corpus: the world's knobs do not describe it
@@ -99,7 +103,8 @@ def data_directions(config: dict) -> tuple[int, int]:
     return 1 if contrast[0] == group else -1
 
   rb = ab = 0
-  prevalence, association = world.get("woman_prevalence"), world.get("association")
+  prevalence = world.get("owner_woman_prevalence", world.get("woman_prevalence"))
+  association = world.get("association")
   if _number(prevalence) and prevalence != 0.5:
     rb = sign_for("man" if prevalence < 0.5 else "woman",
                   (evals.get("rb") or {}).get("contrast", ("man", "woman")))
