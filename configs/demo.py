@@ -26,6 +26,7 @@ def get_config(arg=None):
   c.world.association = 0.5
   c.world.object_owner_rate = 0.5
   c.world.owner_woman_prevalence = 0.1
+  c.world.owner_captions = "owner"
   # Zero-shot over 48 composed classes (shape x colour x pattern, sizes, positions, counts) and
   # captions that name attributes, counts and positions, so that retrieval can be learned; such
   # captions need 48 tokens.

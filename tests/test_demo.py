@@ -96,3 +96,20 @@ def test_demo_writes_side_by_side_summary(tmp_path, capsys, no_network, monkeypa
   assert cli.main(args) == 0
   assert os.path.getmtime(workdir / "balance" / "m4.npz") == mtime
   assert not no_network, no_network  # nothing even tried to reach the network
+
+
+def test_demo_world_is_the_one_docs_noise_tuned():
+  """configs/demo.py (and so the study) builds run V of docs/NOISE.md: a knob lost in an edit
+  (as owner_captions once was) changes what RB measures without any run failing."""
+  from siglip_fair import config as cfglib  # pylint: disable=g-import-not-at-top
+  c = cfglib.get_config(os.path.join(REPO, "configs", "demo.py"))
+  study = cfglib.get_config(os.path.join(REPO, "configs", "study.py"))
+  want = dict(woman_prevalence=0.5, association=0.5, object_owner_rate=0.5,
+              owner_woman_prevalence=0.1, owner_captions="owner", object_scenes="composed",
+              captions="descriptive", object_scale=1.3)
+  for cfg in (c, study):
+    assert {k: cfg.world[k] for k in want} == want
+    assert cfg.optim.lr == 1e-3 and cfg.optim.schedule == "cosine" and cfg.balance.eta == 0.5
+    assert cfg.tokenizer.max_len == cfg.model.text.max_len == 48
+  with open(os.path.join(REPO, "docs", "NOISE.md")) as f:
+    assert "| V | 0.5 | 0.1 | 0.5 | 1e-3, cosine |" in f.read()
