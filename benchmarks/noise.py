@@ -9,7 +9,7 @@ stages are content-addressed), then decomposes each metric's variance with
 one JSON object: {metric: {mean, seed_var, step_var, eval_var, total_sd, snr_*, max_jump_rel}}.
 Run it before and after a change of the world or of the bias readings (docs/NOISE.md).
 
-    python benchmarks/noise.py --runs 'w/study/data=baseline,seed=*'
+    python benchmarks/noise.py --runs 'w/study/data=baseline_seed=*'
 
 decomposes runs that are already trained instead (each folder's metrics.jsonl and eval.json),
 e.g. the baseline seeds of a sweep, without training anything.

@@ -80,17 +80,12 @@ def world(tmp_path_factory):
   # whose default is configs/demo.py (its own world) add theirs next to it.
   assert cli.main(["data", "--config", os.path.join(REPO, "configs", "siglip.py"),
                    "--workdir", prep, *TINY, f"--config.data_dir={data_dir}"]) == 0
-  _BUILT[data_dir] = (set(os.listdir(data_dir)) - {"synthetic_world"}) | set(
-      os.listdir(os.path.join(data_dir, "synthetic_world")))
+  # Its folder name (s<seed>_<hash>) also names its tokenizer: the tag picks this world's files.
+  (_TAG[data_dir],) = os.listdir(os.path.join(data_dir, "synthetic_world"))
   return data_dir
 
 
-_BUILT = {}  # data_dir -> the names the fixture's build wrote there
-
-
-def _ours(data_dir, path) -> bool:
-  """Whether `path` (under a copy or the original of data_dir) is of the fixture's world."""
-  return any(part in _BUILT[data_dir] for part in os.path.normpath(path).split(os.sep))
+_TAG = {}  # data_dir -> the tag of the world the fixture built there
 
 
 @pytest.fixture
@@ -229,7 +224,7 @@ def test_corrupted_arrayrecord_shard(tmp_path, world, capsys):
   shutil.copytree(world, data_dir)
   (shard,) = [os.path.join(f, n) for f, _, names in os.walk(data_dir) for n in names
               if n.startswith("synthetic_world-train.array_record")
-              and _ours(world, os.path.relpath(os.path.join(f, n), data_dir))]
+              and _TAG[world] in f]
   with open(shard, "r+b") as f:  # a disk error in the middle of the file
     f.seek(os.path.getsize(shard) // 3)
     f.write(b"\x00garbage" * 64)
@@ -311,7 +306,7 @@ def test_big_vision_npz_missing_keys(tmp_path, world):
   np.savez(npz, **{"params/img/embedding/kernel": np.zeros((4, 4, 3, 8), np.float32),
                    "params/t": np.zeros(1, np.float32)})
   (spm,) = [os.path.join(world, f) for f in os.listdir(world)
-            if f.endswith(".model") and _ours(world, f)]
+            if f.endswith(".model") and _TAG[world] in f]
   assert Tokenizer(spm, 8).vocab_size > 3  # a real tokenizer: only the npz is wrong
   cfg = ml_collections.ConfigDict(dict(kind="big_vision", npz=str(npz), tokenizer=spm,
                                        image_size=16))
