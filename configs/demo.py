@@ -3,8 +3,9 @@
     python -m siglip_fair demo --workdir workdir/demo
     python -m siglip_fair demo --config configs/demo.py:steps=300 --config.balance.eta=0.8
 
-Arguments are those of configs/siglip.py (the base it overrides); the peak lr defaults to 1e-3
-here. The world differs from world.default_config() (the legacy world, reachable with
+The default config of `data`, `balance`, `train`, `eval`, `report` and `config`, so the stages
+run by hand share the demo's world. Arguments are those of configs/siglip.py (the base it
+overrides); the peak lr defaults to 1e-3 here. The world differs from world.default_config() (the legacy world, reachable with
 --config.world.* overrides) where docs/NOISE.md's tuning log showed the study needs it: 48 object
 classes, captions that identify their image, and an RB mechanism a small model absorbs.
 """

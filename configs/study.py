@@ -23,8 +23,8 @@ from configs import demo
 from siglip_fair.config import parse_arg
 
 SCALES = {
-    # One run takes ~322 s on one core (README: 15 runs, two at a time, 2542 s wall with
-    # 124 s of shared setup), so the 24 runs of sweep_local take ~66 min on 2 cores.
+    # sweep_local's 24 runs took 3560 s on 2 cores two at a time, 101 s of it shared setup
+    # (README), i.e. ~288 s per run on one core.
     "local": dict(model="mu/8", width=64, depth=2, embed=64, res=32, steps=900, batch=128),
     "gpu": dict(model="S/16", width=0, depth=0, embed=384, res=64, steps=20000, batch=1024),
 }
@@ -72,7 +72,9 @@ def get_config(arg=None):
                  train_size=int(c.world.sizes.train), loss=a.loss, data=a.data,
                  switch=a.switch if a.data != "baseline" else "0%", seed=a.seed)
   if a.scale == "local":
-    c.eval_every = "20%"  # five points on the RB / AB curves; each costs ~4 s on 2 cores
+    # Ten points on the RB / AB curves (each costs a few seconds on 2 cores): the curve
+    # criterion and benchmarks/noise.py's training-step component read consecutive evaluations.
+    c.eval_every = "10%"
   c.progress = False
   return c
 
@@ -103,7 +105,7 @@ def _versions(add, seeds=SEEDS, **fixed):
 
 
 def sweep_local(add):
-  """6 seeds x 4 cells (`CELLS`): 24 runs, ~66 min on 2 CPU cores two at a time."""
+  """6 seeds x 4 cells (`CELLS`): 24 runs, ~59 min on 2 CPU cores two at a time."""
   _versions(add)
 
 

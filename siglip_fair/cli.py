@@ -15,12 +15,12 @@ _DEFAULT_CONFIG = {
     "demo": "configs/demo.py",
     "data": "configs/demo.py",
     "balance": "configs/demo.py",
-    "train": "configs/siglip.py",
-    "eval": "configs/siglip.py",
-    "report": "configs/siglip.py",
+    "train": "configs/demo.py",
+    "eval": "configs/demo.py",
+    "report": "configs/demo.py",
     "debias": "configs/debias.py",
     "results": "configs/study.py",
-    "config": "configs/siglip.py",
+    "config": "configs/demo.py",
 }
 
 # (one-line summary for the top-level --help, full description for `<subcommand> --help`)

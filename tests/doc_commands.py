@@ -30,7 +30,7 @@ DOCSTRING_FILES = tuple(sorted(str(p.relative_to(ROOT)) for pattern in ("configs
 # The config a subcommand loads without --config (its --help says so; checked below).
 DEFAULT_CONFIG = {
     "demo": "configs/demo.py", "data": "configs/demo.py", "balance": "configs/demo.py",
-    "train": "configs/siglip.py", "eval": "configs/siglip.py", "report": "configs/siglip.py",
+    "train": "configs/demo.py", "eval": "configs/demo.py", "report": "configs/demo.py",
     "debias": "configs/debias.py", "results": "configs/study.py",
 }
 SHIPPED = tuple(sorted(set(DEFAULT_CONFIG.values())))

@@ -76,9 +76,8 @@ def world(tmp_path_factory):
   """The tiny world's data folder (built, with its tokenizer)."""
   data_dir = str(tmp_path_factory.mktemp("world"))
   prep = str(tmp_path_factory.mktemp("prep"))
-  # The world of `train`'s default config (configs/siglip.py), which most cases run; commands
-  # whose default is configs/demo.py (its own world) add theirs next to it.
-  assert cli.main(["data", "--config", os.path.join(REPO, "configs", "siglip.py"),
+  # The world of every subcommand's default config (configs/demo.py).
+  assert cli.main(["data", "--config", os.path.join(REPO, "configs", "demo.py"),
                    "--workdir", prep, *TINY, f"--config.data_dir={data_dir}"]) == 0
   # Its folder name (s<seed>_<hash>) also names its tokenizer: the tag picks this world's files.
   (_TAG[data_dir],) = os.listdir(os.path.join(data_dir, "synthetic_world"))

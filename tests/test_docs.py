@@ -218,7 +218,7 @@ def test_inline_config_files_load():
             continue  # the placeholder of FILE.py[:ARGS]
           found += 1
           _load(spec)
-  assert found  # README: `train` ... (`--config configs/siglip.py:data=balanced`)
+  assert found  # README: `train` ... (`--config configs/demo.py:data=balanced`)
 
 
 def test_python_blocks_load_their_configs():
