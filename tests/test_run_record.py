@@ -70,7 +70,7 @@ def test_eval_refuses_training_fields(trained, capsys):
   assert cli.main(["eval", "--workdir", workdir, "--config.model.embed_dim=16"]) == 2
   assert "eval cannot change --config.model.embed_dim" in capsys.readouterr().err
   # A --config file whose training fields differ from the run's (the default depth).
-  assert cli.main(["eval", "--workdir", workdir, "--config", "configs/siglip.py"]) == 2
+  assert cli.main(["eval", "--workdir", workdir, "--config", "configs/demo.py"]) == 2
   err = capsys.readouterr().err
   assert "outside the evaluation fields" in err and "depth 1 -> 2" in err
   assert _record(workdir) == before
@@ -80,7 +80,7 @@ def test_eval_refuses_training_fields(trained, capsys):
     ("--config.model.embed_dim=16", "but the config builds"),
     ("--config.keep_ckpts=0", "keep_ckpts must be >= 1"),
     ("--config.total=8", 'config.total "4" -> "8"'),
-    ("--config.optim.lr=0.1", "config.optim.lr 0.003 -> 0.1"),
+    ("--config.optim.lr=0.1", "config.optim.lr 0.001 -> 0.1"),
     ("--config.loss=softmax", 'config.loss "sigmoid" -> "softmax"'),
 ])
 def test_rejected_resume_leaves_the_record(trained, capsys, tmp_path, override, message):
