@@ -73,9 +73,11 @@ def get_config(arg=None, **defaults):
   # depth=...` works whatever the argument.
   overrides = {k: v or None for k, v in dict(width=arg.width, depth=arg.depth).items()}
   c.model = ml_collections.ConfigDict(dict(
-      image=dict(variant=arg.variant, pool="gap", **overrides),
+      # head='' uses model.head; scan=True runs the blocks under nn.scan with big_vision's
+      # stacked parameter layout (same numbers, one compiled block).
+      image=dict(variant=arg.variant, pool="gap", head="", scan=False, **overrides),
       text=dict(variant=arg.text, vocab_size=c.tokenizer.vocab_size, max_len=c.tokenizer.max_len,
-                pool="last", **overrides),
+                pool="last", head="", scan=False, **overrides),
       embed_dim=arg.embed,
       head="linear",  # linear | mlp | none (see models/two_tower.py)
       dtype="float32",  # compute dtype; 'bfloat16' on accelerators (parameters stay float32)

@@ -112,15 +112,20 @@ def _tower(rng, tower, stack, d, depth, mlp, heads, pool, embed_dim, scan):
   return {f"{tower}/{k}": v for k, v in p.items()}
 
 
-def bv_checkpoint(*, img_pool, txt_pool, bias, scan, embed_dim, prefix, txt_width=12, seed=0):
-  """Random big_vision two-tower params: ViT p=4 width 16 (2 heads), text width `txt_width`."""
+def bv_checkpoint(*, img_pool, txt_pool, bias, scan, embed_dim, prefix, txt_width=12, seed=0,
+                  img_head=True, grid=2):
+  """Random big_vision two-tower params: ViT p=4 width 16 (2 heads) on a grid x grid patch
+  grid, text width `txt_width`. `scan`: bool or (image, text); `embed_dim` 0: no heads;
+  img_head=False: only `txt/head` (released SigLIP's out_dim=(None, 16), needs embed_dim=16)."""
+  img_scan, txt_scan = (scan, scan) if isinstance(scan, bool) else scan
   rng = np.random.default_rng(seed)
-  flat = _tower(rng, "img", "Transformer", 16, 2, 24, 2, img_pool, embed_dim, scan)
+  flat = _tower(rng, "img", "Transformer", 16, 2, 24, 2, img_pool,
+                embed_dim if img_head else 0, img_scan)
   flat["img/embedding/kernel"] = rng.normal(size=(4, 4, 3, 16)) * 48 ** -0.5
   flat["img/embedding/bias"] = 0.1 * rng.normal(size=16)
-  flat["img/pos_embedding"] = rng.normal(size=(1, 4, 16)) * 0.25
+  flat["img/pos_embedding"] = rng.normal(size=(1, grid * grid, 16)) * 0.25
   flat.update(_tower(rng, "txt", "Encoder_0", txt_width, 3, 20, txt_width // 4, txt_pool,
-                     embed_dim, scan))
+                     embed_dim, txt_scan))
   flat["txt/Embed_0/embedding"] = rng.normal(size=(13, txt_width))
   flat["txt/pos_embedding"] = rng.normal(size=(1, 6, txt_width)) * 0.25
   flat["t"] = np.array([np.log(10.0)]) + rng.normal(size=1)

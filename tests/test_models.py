@@ -227,3 +227,29 @@ def test_projection_heads():
                    images, tokens)
   with pytest.raises(ValueError, match="head"):
     make_model(_config(head="deep"))
+
+
+def test_per_tower_heads():
+  """big_vision's out_dim=(None, D): no image head (its pooled output is the embedding, so
+  embed_dim = image width), a linear text head; '' keeps model.head."""
+  images, tokens = np.zeros((2, 8, 8, 3), np.float32), np.ones((2, 6), np.int32)
+  cfg = _config(embed_dim=32, head="linear",
+                image=dict(variant="mu/4", pool="map", head="none"),
+                text=dict(variant="mu", vocab_size=11, max_len=6, width=16, num_heads=2,
+                          head=""))
+  model = make_model(cfg)
+  params = model.init(jax.random.key(0), images, tokens)["params"]
+  assert "img_head" not in params and params["txt_head"]["kernel"].shape == (16, 32)
+  zimg, ztxt, extras = model.apply({"params": params}, images, tokens)
+  pooled = extras["img/pre_logits"]
+  np.testing.assert_allclose(zimg, pooled / np.linalg.norm(pooled, axis=-1, keepdims=True),
+                             rtol=1e-5, atol=1e-6)
+  text_in = extras["txt/pre_logits"] @ params["txt_head"]["kernel"] + params["txt_head"]["bias"]
+  np.testing.assert_allclose(ztxt, text_in / np.linalg.norm(text_in, axis=-1, keepdims=True),
+                             rtol=1e-5, atol=1e-6)
+  cfg.image.head, cfg.text.head = "", "none"  # text width 16 != embed_dim 32
+  with pytest.raises(ValueError, match=r"model.head='none' \(txt tower\) needs embed_dim"):
+    jax.eval_shape(make_model(cfg).init, jax.random.key(0), images, tokens)
+  cfg.text.head = "deep"
+  with pytest.raises(ValueError, match="config.model.text.head='deep'"):
+    make_model(cfg)

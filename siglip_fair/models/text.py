@@ -35,6 +35,7 @@ class TextTransformer(nn.Module):
   padding: str = "mask"
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  scan: bool = False  # blocks under nn.scan, stacked parameters (see vit.Encoder)
 
   @nn.compact
   def __call__(self, text, *, train: bool = False):
@@ -59,7 +60,7 @@ class TextTransformer(nn.Module):
     # Only keys are masked: padded query rows still see the valid tokens, so nothing is NaN even
     # for an all-padding (empty) caption, and padded positions are dropped at pooling.
     mask = valid[:, None, None, :] if masked else None
-    x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout, self.dtype,
+    x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout, self.dtype, self.scan,
                 name="Encoder_0")(x, mask, train=train)
     if self.pool == "first":
       pooled = x[:, 0]

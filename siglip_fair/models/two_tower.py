@@ -4,9 +4,12 @@ config.model = dict(
     image=dict(variant='mu/4', pool='gap', posemb='learn'),   # + width/depth/mlp_dim/num_heads
     text=dict(variant='mu', vocab_size=..., max_len=16, pool='last'),
                          # + padding='mask' (token 0 masked) or 'none' (big_vision: no mask)
+                         # each tower also takes head='' (= model.head; else one of HEADS) and
+                         # scan=False (True: blocks under nn.scan, big_vision's stacked layout)
     embed_dim=64,        # shared embedding width, independent of the towers' widths
     head='linear',       # projection into it: 'linear', 'mlp' (hidden layer of the tower's
-                         # width, GELU) or 'none' (identity; embed_dim = both towers' widths)
+                         # width, GELU) or 'none' (identity; embed_dim = that tower's width).
+                         # Released big_vision SigLIP: image.head='none', text.head='linear'.
     t_init=10.0,         # initial temperature (SigLIP 10; CLIP 1/0.07)
     b_init=-10.0,        # initial logit bias (SigLIP -10); None = no bias (CLIP)
     dtype='float32',     # compute dtype ('bfloat16' on accelerators); parameters stay float32
@@ -49,6 +52,9 @@ class TwoTower(nn.Module):
   t_init: float = 10.0
   b_init: float | None = -10.0
   dtype: Any = jnp.float32
+  # Per-tower overrides of `head` ('' = `head`): big_vision's out_dim=(None, D) is ('none', '').
+  image_head: str = ""
+  text_head: str = ""
 
   @nn.compact
   def __call__(self, image=None, text=None, *, train: bool = False):
@@ -62,20 +68,23 @@ class TwoTower(nn.Module):
     if image is not None:
       pooled, _ = self.img(image, train=train)
       extras["img/pre_logits"] = pooled
-      zimg = l2_normalize(self._project(pooled, "img_head").astype(jnp.float32))
+      zimg = l2_normalize(self._project(pooled, "img_head", self.image_head or self.head)
+                          .astype(jnp.float32))
     if text is not None:
       pooled, _ = self.txt(text, train=train)
       extras["txt/pre_logits"] = pooled
-      ztxt = l2_normalize(self._project(pooled, "txt_head").astype(jnp.float32))
+      ztxt = l2_normalize(self._project(pooled, "txt_head", self.text_head or self.head)
+                          .astype(jnp.float32))
     return zimg, ztxt, extras
 
-  def _project(self, pooled, name):
-    if self.head == "none":
+  def _project(self, pooled, name, head):
+    if head == "none":
       if pooled.shape[-1] != self.embed_dim:
-        raise ValueError(f"model.head='none' needs embed_dim ({self.embed_dim}) equal to the "
-                         f"tower width ({pooled.shape[-1]}); use head='linear' otherwise.")
+        raise ValueError(f"model.head='none' ({name[:3]} tower) needs embed_dim "
+                         f"({self.embed_dim}) equal to the tower width ({pooled.shape[-1]}); "
+                         "use head='linear' otherwise.")
       return pooled
-    if self.head == "mlp":
+    if head == "mlp":
       hidden = nn.Dense(pooled.shape[-1], dtype=self.dtype, name=f"{name}_hidden")(pooled)
       pooled = nn.gelu(hidden)
     return nn.Dense(self.embed_dim, dtype=self.dtype, name=name)(pooled)
@@ -105,11 +114,13 @@ def make_model(config) -> TwoTower:
   if tcfg.get("vocab_size") is None:
     raise ValueError("config.model.text.vocab_size is required (the tokenizer's vocabulary).")
   img = ViT(**_sizes(icfg, need_patch=True), pool=icfg.get("pool", "gap"),
-            posemb=icfg.get("posemb", "learn"), dropout=icfg.get("dropout", 0.0), dtype=dtype)
+            posemb=icfg.get("posemb", "learn"), dropout=icfg.get("dropout", 0.0), dtype=dtype,
+            scan=bool(icfg.get("scan", False)))
   txt = TextTransformer(**_sizes(tcfg, need_patch=False), vocab_size=int(tcfg["vocab_size"]),
                         max_len=int(tcfg.get("max_len", 64)), pool=tcfg.get("pool", "last"),
                         padding=tcfg.get("padding", "mask"),
-                        dropout=tcfg.get("dropout", 0.0), dtype=dtype)
+                        dropout=tcfg.get("dropout", 0.0), dtype=dtype,
+                        scan=bool(tcfg.get("scan", False)))
   t_init = float(config.get("t_init", 10.0))
   if t_init <= 0:
     raise ValueError(f"config.model.t_init must be > 0 (it is a temperature), got {t_init}.")
@@ -117,8 +128,15 @@ def make_model(config) -> TwoTower:
   head = config.get("head", "linear")
   if head not in HEADS:
     raise ValueError(f"config.model.head={head!r}; use one of {HEADS}.")
+  tower_heads = {}
+  for name, tower_cfg in (("image", icfg), ("text", tcfg)):
+    tower_heads[name] = tower_cfg.get("head") or ""
+    if tower_heads[name] and tower_heads[name] not in HEADS:
+      raise ValueError(f"config.model.{name}.head={tower_heads[name]!r}; use one of {HEADS} "
+                       "or '' (= config.model.head).")
   return TwoTower(img=img, txt=txt, embed_dim=int(config["embed_dim"]), head=head, t_init=t_init,
-                  b_init=None if b_init is None else float(b_init), dtype=dtype)
+                  b_init=None if b_init is None else float(b_init), dtype=dtype,
+                  image_head=tower_heads["image"], text_head=tower_heads["text"])
 
 
 def check_config(config, image_size: int) -> TwoTower:

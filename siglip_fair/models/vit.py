@@ -52,19 +52,40 @@ class Encoder1DBlock(nn.Module):
     return x + nn.Dropout(self.dropout)(y, deterministic=not train)
 
 
+class _ScannedBlock(Encoder1DBlock):
+  """An `Encoder1DBlock` in `nn.scan`'s (carry, output) form; `train` is positional because
+  scan broadcasts it like the mask."""
+
+  def __call__(self, x, mask, train):  # pylint: disable=arguments-differ
+    return Encoder1DBlock.__call__(self, x, mask, train=train), None
+
+
 class Encoder(nn.Module):
-  """`depth` transformer blocks and a final LayerNorm: [B, L, D] -> [B, L, D]."""
+  """`depth` transformer blocks and a final LayerNorm: [B, L, D] -> [B, L, D].
+
+  scan=False names the blocks `encoderblock_<i>`; scan=True runs one block under `nn.scan`
+  (compiles once whatever the depth), its parameters stacked as `encoderblock/...` with a
+  leading [depth] axis: big_vision's two layouts, the same function of the same numbers.
+  """
   depth: int
   mlp_dim: int
   num_heads: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool = False):
-    for i in range(self.depth):
-      x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout, self.dtype,
-                         name=f"encoderblock_{i}")(x, mask, train=train)
+    if self.scan:
+      blocks = nn.scan(_ScannedBlock, variable_axes={"params": 0},
+                       split_rngs={"params": True, "dropout": True},
+                       in_axes=(nn.broadcast, nn.broadcast), length=self.depth)
+      x, _ = blocks(self.mlp_dim, self.num_heads, self.dropout, self.dtype,
+                    name="encoderblock")(x, mask, train)
+    else:
+      for i in range(self.depth):
+        x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout, self.dtype,
+                           name=f"encoderblock_{i}")(x, mask, train=train)
     return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
 
 
@@ -114,6 +135,7 @@ class ViT(nn.Module):
   posemb: str = "learn"
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  scan: bool = False
 
   @nn.compact
   def __call__(self, image, *, train: bool = False):
@@ -139,7 +161,7 @@ class ViT(nn.Module):
       cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), [n, 1, 1]), x], axis=1)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
-    x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout, self.dtype,
+    x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout, self.dtype, self.scan,
                 name="Transformer")(x, train=train)
     if self.pool == "gap":
       pooled = jnp.mean(x, axis=1)
