@@ -64,6 +64,10 @@ def get_config(arg=None, **defaults):
   # error naming the step (the last good checkpoint stays the latest); 'skip' drops that update
   # and trains on, counting such steps in the metric nonfinite_steps (train/loop.py).
   c.nonfinite = "stop"
+  # > 0: also keep an exponential moving average of the parameters (decay per update, warmed up
+  # as TF's ExponentialMovingAverage) and evaluate and export it instead of the last step's
+  # weights; it smooths the step-to-step jitter of bias readings (docs/NOISE.md). 0 = off.
+  c.ema_decay = 0.0
   c.progress = True
   c.tensorboard = True  # also write <workdir>/tensorboard (metrics.jsonl is always written)
   # Peak FLOP/s of one device for the MFU metric; 0.0 = the vendor figure for known

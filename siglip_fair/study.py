@@ -394,7 +394,8 @@ def train_and_evaluate(config, workdir: str, *, data: Data | None = None,
   if step == steps.total_steps and os.path.exists(done):
     with open(done, encoding="utf-8") as f:  # finished earlier: its record stands
       return json.load(f)
-  final = ev.run_all(make_evaluators(config, data, model, bootstrap=True), state.params)
+  final = ev.run_all(make_evaluators(config, data, model, bootstrap=True),
+                     loop.eval_params(state))
   final["step"] = step
   if lead:
     # eval.json marks the run finished (launchers skip it), so it is written last.

@@ -116,11 +116,12 @@ def latest_step(workdir: str) -> int | None:
     return manager.latest_step()
 
 
-def load_params(workdir: str, step: int | None = None):
+def load_params(workdir: str, step: int | None = None, *, ema: bool = True):
   """The model parameters of a run's checkpoint (the latest when step is None), as host arrays.
 
   For using a trained model elsewhere (zero-shot annotation, evaluation in Colab); no train
-  state or mesh is needed.
+  state or mesh is needed. A run trained with config.ema_decay > 0 gives its moving average (the
+  weights its evaluations used) unless ema=False.
   """
   step = latest_step(workdir) if step is None else step
   if step is None:
@@ -138,7 +139,8 @@ def load_params(workdir: str, step: int | None = None):
     raise _damaged(directory, step, steps, e) from None
   if "params" not in state:
     raise ValueError(f"checkpoint {path!r} holds {sorted(state)}, not a train state.")
-  return jax.tree.map(np.asarray, state["params"])
+  key = "ema_params" if ema and state.get("ema_params") is not None else "params"
+  return jax.tree.map(np.asarray, state[key])
 
 
 def _data_save_args(data_iter):

@@ -60,7 +60,7 @@ from siglip_fair.train.signals import (Preempted, sigterm_flag,  # noqa: F401  (
                                        sigterm_raises)
 from siglip_fair.train.sharding import (DEFAULT_RULES, batch_sharding, global_batch, make_mesh,
                                         state_shardings)
-from siglip_fair.train.state import TrainState, make_init_fn, make_train_step
+from siglip_fair.train.state import TrainState, eval_params, make_init_fn, make_train_step
 
 # Batch fields the step consumes, with the dtype they are fed as; other fields are not sent.
 BATCH_DTYPES = {"image": np.float32, "text": np.int32, "weight": np.float32}
@@ -194,7 +194,8 @@ def _train(config, workdir, stop, train_iter, evaluate_fn, num_examples, stop_af
         f"config.batch_size={config.batch_size} is the global batch but the iterator yields "
         f"{local_b} examples x {jax.process_count()} processes.")
 
-  init = make_init_fn(model, tx, example["image"], example["text"])
+  ema_decay = float(config.get("ema_decay", 0.0))
+  init = make_init_fn(model, tx, example["image"], example["text"], ema=ema_decay > 0)
   seed = jax.random.key_data(jax.random.key(config.get("seed", 0)))
   abstract_state = jax.eval_shape(init, seed)
   shardings = state_shardings(abstract_state, mesh, config.get("sharding_rules", DEFAULT_RULES))
@@ -229,7 +230,8 @@ def _train(config, workdir, stop, train_iter, evaluate_fn, num_examples, stop_af
   step_fn = make_train_step(model, tx, config.get("loss", "sigmoid"), schedule=schedule,
                             state_sharding=shardings, batch_sharding=bsharding,
                             loss_impl=config.get("loss_impl", "full"),
-                            loss_chunk=config.get("loss_chunk", 1024), nonfinite=policy)
+                            loss_chunk=config.get("loss_chunk", 1024), nonfinite=policy,
+                            ema_decay=ema_decay)
   # Compiled ahead of time, once: a batch or state with any other shape, dtype or sharding
   # raises instead of silently recompiling.
   with memory.oom_hint("compiling the train step", config):
@@ -291,7 +293,7 @@ def _train(config, workdir, stop, train_iter, evaluate_fn, num_examples, stop_af
         if bar.disable and config.get("progress", True) and is_lead:
           print(progress_line(step, total, record["steps_per_sec"], record), flush=True)
       if evaluating:
-        results = evaluate_fn(state.params, step)
+        results = evaluate_fn(eval_params(state), step)
         record.update(results)
         if is_lead:
           print(eval_summary_line(step, results), flush=True)

@@ -24,12 +24,31 @@ class TrainState:
   nonfinite_steps: int32 [] steps whose loss, gradients or updated parameters were NaN/Inf
     (their updates are dropped under nonfinite='skip'); checkpointed, so the count survives a
     resume.
+  ema_params: an exponential moving average of `params` (config.ema_decay > 0), the weights
+    that are evaluated and exported; None (no leaves, the earlier checkpoint layout) when off.
   """
   step: jax.Array
   params: Any
   opt_state: Any
   rng: jax.Array
   nonfinite_steps: jax.Array = np.int32(0)  # a numpy scalar: no device work at import time
+  ema_params: Any = None
+
+
+def eval_params(state: TrainState):
+  """The weights to evaluate: the moving average when the state keeps one, else `params`."""
+  return state.params if state.ema_params is None else state.ema_params
+
+
+def ema_decay_at(decay: float, updates):
+  """The averaging weight after `updates` applied updates: min(decay, (1 + n) / (10 + n)).
+
+  TF's ExponentialMovingAverage(num_updates=...) warm-up, so that the average is not dominated
+  by the initial weights early in a run (0.1 at the first update, `decay` from n = (10 decay - 1)
+  / (1 - decay) on, e.g. 890 updates for 0.99).
+  """
+  n = jnp.asarray(updates, jnp.float32)
+  return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
 
 
 def _key_name(key) -> str:
@@ -44,11 +63,13 @@ def tree_names(tree):
   return jax.tree.map_with_path(lambda path, _: "/".join(_key_name(k) for k in path), tree)
 
 
-def make_init_fn(model, tx: optax.GradientTransformation, image, text) -> Callable:
+def make_init_fn(model, tx: optax.GradientTransformation, image, text, *,
+                 ema: bool = False) -> Callable:
   """Returns init(seed_key_data uint32 [2]) -> TrainState, shapes taken from example inputs.
 
   `image` [b, H, W, 3] and `text` [b, L] only provide shapes (b may be 1); jit the result with
-  `out_shardings` so parameters are created directly where they live.
+  `out_shardings` so parameters are created directly where they live. ema: also keep
+  `ema_params`, starting from the initial parameters.
   """
   image = jax.ShapeDtypeStruct((1, *image.shape[1:]), jnp.float32)
   text = jax.ShapeDtypeStruct((1, *text.shape[1:]), jnp.int32)
@@ -59,7 +80,8 @@ def make_init_fn(model, tx: optax.GradientTransformation, image, text) -> Callab
                         jnp.ones(text.shape, text.dtype))["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(state_key),
-                      nonfinite_steps=jnp.zeros((), jnp.int32))
+                      nonfinite_steps=jnp.zeros((), jnp.int32),
+                      ema_params=jax.tree.map(jnp.copy, params) if ema else None)
 
   return init
 
@@ -71,7 +93,7 @@ NONFINITE_POLICIES = ("stop", "skip")
 def make_train_step(model, tx: optax.GradientTransformation, loss_name: str, *,
                     schedule: Callable, state_sharding, batch_sharding,
                     loss_impl: str = "full", loss_chunk: int = 1024,
-                    nonfinite: str = "stop") -> Callable:
+                    nonfinite: str = "stop", ema_decay: float = 0.0) -> Callable:
   """Jitted `step(state, batch) -> (state, metrics)`; the input state's buffers are donated.
 
   loss_impl: 'full' (the [B, B] logits under jit), 'ring' (`ring_losses`: text blocks passed
@@ -89,7 +111,14 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_name: str, *,
   anything); 'skip' keeps the parameters and optimizer state of a non-finite step as they were,
   bit for bit (the step counter still advances, so the batch is consumed). Both are one
   compiled function with the same output shapes: the choice is a select on a scalar flag.
+
+  ema_decay > 0 (the state must hold `ema_params`): after each applied update,
+  ema <- d * ema + (1 - d) * params with d = `ema_decay_at(ema_decay, updates applied)`; a
+  skipped step leaves the average as it was.
   """
+  if not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f"config.ema_decay={ema_decay!r}; use 0 (off) or a value in (0, 1), "
+                     "e.g. 0.99.")
   if nonfinite not in NONFINITE_POLICIES:
     raise ValueError(f"config.nonfinite={nonfinite!r}; use one of {NONFINITE_POLICIES}.")
   if loss_name not in LOSS_NAMES:
@@ -132,13 +161,20 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_name: str, *,
       opt_state = jax.tree.map(keep_old, opt_state, state.opt_state)
     bad = jnp.logical_not(finite).astype(jnp.int32)
     count = state.nonfinite_steps + bad
+    ema_params = state.ema_params
+    if ema_decay > 0:
+      # n = updates applied before this one; a rejected update leaves the average alone.
+      d = ema_decay_at(ema_decay, state.step - state.nonfinite_steps)
+      if nonfinite == "skip":
+        d = jnp.where(finite, d, 1.0)
+      ema_params = optax.incremental_update(params, state.ema_params, 1.0 - d)
     # optax counts applied updates only, so after skipped steps its schedule lags the step.
     lr = schedule(state.step - state.nonfinite_steps)
     metrics = dict(metrics, loss=loss, lr=lr, t=extras["t"], b=extras["b"],
                    grad_norm=grad_norm, param_norm=param_norm, nonfinite=bad,
                    nonfinite_steps=count)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         nonfinite_steps=count), metrics
+                         nonfinite_steps=count, ema_params=ema_params), metrics
 
   replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
   return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
