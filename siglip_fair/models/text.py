@@ -3,6 +3,9 @@
 With padding='mask' (the default) token id 0 is padding: it is never attended to nor pooled.
 padding='none' reproduces big_vision's text tower, which has no attention mask and pools over
 every position (its SigLIP tokenizer pads with EOS, so position -1 is an EOS token).
+OpenAI CLIP's text tower is causal=True, pool='eos', padding='none' (id 0 is a real token in its
+vocabulary; under the causal mask nothing after the EOS token reaches it), act='quick_gelu',
+norm_eps=1e-5.
 """
 from __future__ import annotations
 
@@ -11,9 +14,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from siglip_fair.models.vit import Encoder, MAPHead
+from siglip_fair.models.vit import NORM_EPS, Encoder, MAPHead
 
-TEXT_POOLS = ("last", "first", "map", "gap")
+TEXT_POOLS = ("last", "first", "map", "gap", "eos")
 TEXT_PADDINGS = ("mask", "none")
 
 
@@ -22,8 +25,12 @@ class TextTransformer(nn.Module):
 
   Pooling: 'last' = the last non-padding token (an EOS-style summary; the tokenizer pads on the
   right), 'first' = position 0, 'gap' = mean over non-padding tokens, 'map' = attention pooling
-  over non-padding tokens. With padding='none' no token counts as padding: nothing is masked,
-  'last' is position L-1, 'gap' and 'map' cover all L positions (big_vision semantics).
+  over non-padding tokens, 'eos' = the first token equal to `eos_id` (position 0 when a row has
+  none), or with eos_id=None the first token of the highest id (OpenAI CLIP: its end-of-text
+  token is the last of the vocabulary; Hugging Face's CLIPTextModel with eos_token_id == 2).
+  With padding='none' no token counts as padding: nothing is masked, 'last' is position L-1,
+  'gap' and 'map' cover all L positions (big_vision semantics). causal=True lets position i
+  attend to positions <= i only (on top of the padding mask).
   """
   vocab_size: int
   max_len: int
@@ -36,6 +43,10 @@ class TextTransformer(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   scan: bool = False  # blocks under nn.scan, stacked parameters (see vit.Encoder)
+  causal: bool = False  # each position attends to itself and earlier positions only (CLIP)
+  eos_id: int | None = None  # pool='eos': the end-of-text id (None: the highest id of the row)
+  act: str = "gelu"  # MLP activation, a key of vit.ACTIVATIONS
+  norm_eps: float = NORM_EPS  # every LayerNorm's epsilon
 
   @nn.compact
   def __call__(self, text, *, train: bool = False):
@@ -59,10 +70,21 @@ class TextTransformer(nn.Module):
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     # Only keys are masked: padded query rows still see the valid tokens, so nothing is NaN even
     # for an all-padding (empty) caption, and padded positions are dropped at pooling.
-    mask = valid[:, None, None, :] if masked else None
+    keys = valid[:, None, None, :] if masked else None
+    mask = keys
+    if self.causal:
+      length = text.shape[1]
+      causal = jnp.tril(jnp.ones((length, length), bool))[None, None]  # [1, 1, L(q), L(k)]
+      mask = causal if keys is None else keys & causal
     x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout, self.dtype, self.scan,
-                name="Encoder_0")(x, mask, train=train)
-    if self.pool == "first":
+                self.act, self.norm_eps, name="Encoder_0")(x, mask, train=train)
+    if self.pool == "eos":
+      # argmax returns the first maximum: the first EOS (or, with eos_id=None, the first token
+      # of the row's highest id), as torch's argmax in Hugging Face's CLIPTextModel.
+      target = text == self.eos_id if self.eos_id is not None else text
+      position = jnp.argmax(target.astype(jnp.int32), axis=1)
+      pooled = jnp.take_along_axis(x, position[:, None, None], axis=1)[:, 0]
+    elif self.pool == "first":
       pooled = x[:, 0]
     elif self.pool == "last" and not masked:
       pooled = x[:, -1]
@@ -76,5 +98,6 @@ class TextTransformer(nn.Module):
       count = jnp.maximum(valid.sum(axis=1, keepdims=True), 1).astype(x.dtype)
       pooled = jnp.sum(x * valid[..., None].astype(x.dtype), axis=1) / count
     else:
-      pooled = MAPHead(self.mlp_dim, self.num_heads, self.dtype, name="MAPHead_0")(x, mask)
+      pooled = MAPHead(self.mlp_dim, self.num_heads, self.dtype, self.act, self.norm_eps,
+                       name="MAPHead_0")(x, keys)  # the probe sees every valid token
     return pooled, x

@@ -5,11 +5,17 @@ config.model = dict(
     text=dict(variant='mu', vocab_size=..., max_len=16, pool='last'),
                          # + padding='mask' (token 0 masked) or 'none' (big_vision: no mask)
                          # each tower also takes head='' (= model.head; else one of HEADS) and
-                         # scan=False (True: blocks under nn.scan, big_vision's stacked layout)
+                         # scan=False (True: blocks under nn.scan, big_vision's stacked layout),
+                         # act='gelu' (vit.ACTIVATIONS) and norm_eps=1e-6 (LayerNorm epsilon).
+                         # OpenAI CLIP's towers: image.pool='tok', cls_posemb=True,
+                         # pre_norm=True, patch_bias=False; text.causal=True, pool='eos',
+                         # eos_id (None: highest id), padding='none'; act='quick_gelu',
+                         # norm_eps=1e-5 (models/hf.py writes these from a config.json)
     embed_dim=64,        # shared embedding width, independent of the towers' widths
     head='linear',       # projection into it: 'linear', 'mlp' (hidden layer of the tower's
                          # width, GELU) or 'none' (identity; embed_dim = that tower's width).
                          # Released big_vision SigLIP: image.head='none', text.head='linear'.
+    head_bias=True,      # False: the projections into embed_dim have no bias (CLIP)
     t_init=10.0,         # initial temperature (SigLIP 10; CLIP 1/0.07)
     b_init=-10.0,        # initial logit bias (SigLIP -10); None = no bias (CLIP)
     dtype='float32',     # compute dtype ('bfloat16' on accelerators); parameters stay float32
@@ -26,7 +32,7 @@ import numpy as np
 
 from siglip_fair.models.text import TextTransformer
 from siglip_fair.models.variants import OVERRIDABLE, decode_variant
-from siglip_fair.models.vit import ViT
+from siglip_fair.models.vit import ACTIVATIONS, NORM_EPS, ViT
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 HEADS = ("linear", "mlp", "none")
@@ -55,6 +61,7 @@ class TwoTower(nn.Module):
   # Per-tower overrides of `head` ('' = `head`): big_vision's out_dim=(None, D) is ('none', '').
   image_head: str = ""
   text_head: str = ""
+  head_bias: bool = True  # the final Dense of 'linear' / 'mlp' heads (CLIP's have none)
 
   @nn.compact
   def __call__(self, image=None, text=None, *, train: bool = False):
@@ -87,7 +94,7 @@ class TwoTower(nn.Module):
     if head == "mlp":
       hidden = nn.Dense(pooled.shape[-1], dtype=self.dtype, name=f"{name}_hidden")(pooled)
       pooled = nn.gelu(hidden)
-    return nn.Dense(self.embed_dim, dtype=self.dtype, name=name)(pooled)
+    return nn.Dense(self.embed_dim, use_bias=self.head_bias, dtype=self.dtype, name=name)(pooled)
 
 
 def _sizes(tower_cfg, *, need_patch: bool) -> dict:
@@ -115,12 +122,18 @@ def make_model(config) -> TwoTower:
     raise ValueError("config.model.text.vocab_size is required (the tokenizer's vocabulary).")
   img = ViT(**_sizes(icfg, need_patch=True), pool=icfg.get("pool", "gap"),
             posemb=icfg.get("posemb", "learn"), dropout=icfg.get("dropout", 0.0), dtype=dtype,
-            scan=bool(icfg.get("scan", False)))
+            scan=bool(icfg.get("scan", False)), **_block_options(icfg, "image"),
+            cls_posemb=bool(icfg.get("cls_posemb", False)),
+            pre_norm=bool(icfg.get("pre_norm", False)),
+            patch_bias=bool(icfg.get("patch_bias", True)))
+  eos_id = tcfg.get("eos_id")
   txt = TextTransformer(**_sizes(tcfg, need_patch=False), vocab_size=int(tcfg["vocab_size"]),
                         max_len=int(tcfg.get("max_len", 64)), pool=tcfg.get("pool", "last"),
                         padding=tcfg.get("padding", "mask"),
                         dropout=tcfg.get("dropout", 0.0), dtype=dtype,
-                        scan=bool(tcfg.get("scan", False)))
+                        scan=bool(tcfg.get("scan", False)), **_block_options(tcfg, "text"),
+                        causal=bool(tcfg.get("causal", False)),
+                        eos_id=None if eos_id is None else int(eos_id))
   t_init = float(config.get("t_init", 10.0))
   if t_init <= 0:
     raise ValueError(f"config.model.t_init must be > 0 (it is a temperature), got {t_init}.")
@@ -136,7 +149,19 @@ def make_model(config) -> TwoTower:
                        "or '' (= config.model.head).")
   return TwoTower(img=img, txt=txt, embed_dim=int(config["embed_dim"]), head=head, t_init=t_init,
                   b_init=None if b_init is None else float(b_init), dtype=dtype,
-                  image_head=tower_heads["image"], text_head=tower_heads["text"])
+                  image_head=tower_heads["image"], text_head=tower_heads["text"],
+                  head_bias=bool(config.get("head_bias", True)))
+
+
+def _block_options(tower_cfg, name: str) -> dict:
+  """The transformer-block options of a tower config: MLP activation and LayerNorm epsilon."""
+  act = tower_cfg.get("act", "gelu")
+  if act not in ACTIVATIONS:
+    raise ValueError(f"config.model.{name}.act={act!r}; use one of {tuple(ACTIVATIONS)}.")
+  norm_eps = float(tower_cfg.get("norm_eps", NORM_EPS))
+  if not norm_eps > 0:
+    raise ValueError(f"config.model.{name}.norm_eps={norm_eps} must be > 0.")
+  return dict(act=act, norm_eps=norm_eps)
 
 
 def check_config(config, image_size: int) -> TwoTower:
@@ -151,6 +176,9 @@ def check_config(config, image_size: int) -> TwoTower:
                                                    TEXT_PADDINGS)):
     if value not in allowed:
       raise ValueError(f"config.model.{field}={value!r}; use one of {allowed}.")
+  if model.img.cls_posemb and (model.img.pool, model.img.posemb) != ("tok", "learn"):
+    raise ValueError("config.model.image.cls_posemb=True needs image.pool='tok' and "
+                     "image.posemb='learn'.")
   patch = model.img.patch_size
   if image_size % patch[0] or image_size % patch[1]:
     raise ValueError(

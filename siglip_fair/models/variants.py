@@ -62,3 +62,11 @@ def decode_variant(variant: str, *, overrides=None, need_patch: bool = False) ->
         f"variant {variant!r}: width {out['width']} is not divisible by num_heads "
         f"{out['num_heads']}; override one of them.")
   return out
+
+
+def size_name(width: int, depth: int, mlp_dim: int, num_heads: int) -> str | None:
+  """The name in SIZES with exactly these hyper-parameters (e.g. OpenAI CLIP B/32's text tower,
+  (512, 12, 2048, 8), is 'M'), or None. Checkpoint readers label a tower with it and pass the
+  four numbers as overrides either way."""
+  sizes = (int(width), int(depth), int(mlp_dim), int(num_heads))
+  return next((name for name, s in SIZES.items() if s == sizes), None)

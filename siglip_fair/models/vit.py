@@ -1,7 +1,9 @@
 """Vision transformer image tower and the transformer blocks shared with the text tower.
 
 Follows big_vision's ViT (pre-LayerNorm blocks, xavier-uniform attention/MLP kernels, MAP
-pooling head) so that configurations and parameter names read the same.
+pooling head) so that configurations and parameter names read the same. Options that are off by
+default express OpenAI CLIP's image tower as well (class token with its own position embedding,
+a LayerNorm before the blocks, no patch-embedding bias, quick-GELU, LayerNorm epsilon 1e-5).
 """
 from __future__ import annotations
 
@@ -15,11 +17,31 @@ IMAGE_POOLS = ("gap", "map", "tok")
 POSEMBS = ("learn", "sincos2d")
 
 
+def quick_gelu(x):
+  """OpenAI CLIP's sigmoid approximation of GELU, x * sigmoid(1.702 x)."""
+  return x * nn.sigmoid(1.702 * x)
+
+
+# 'gelu' is the tanh approximation (flax's default, big_vision; HF 'gelu_pytorch_tanh');
+# 'gelu_erf' the exact one (HF 'gelu'); 'quick_gelu' OpenAI CLIP's.
+ACTIVATIONS = {"gelu": nn.gelu,
+               "gelu_erf": lambda x: nn.gelu(x, approximate=False),
+               "quick_gelu": quick_gelu}
+NORM_EPS = 1e-6  # flax's LayerNorm default (big_vision, SigLIP); OpenAI CLIP uses 1e-5
+
+
+def activation(name: str):
+  if name not in ACTIVATIONS:
+    raise ValueError(f"model.<tower>.act={name!r}; use one of {tuple(ACTIVATIONS)}.")
+  return ACTIVATIONS[name]
+
+
 class MlpBlock(nn.Module):
   """Transformer MLP: [..., D] -> [..., D] through a hidden layer of width `mlp_dim`."""
   mlp_dim: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  act: str = "gelu"  # a key of ACTIVATIONS
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
@@ -27,7 +49,7 @@ class MlpBlock(nn.Module):
         features, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6))
     d = x.shape[-1]
-    x = nn.gelu(dense(self.mlp_dim)(x))
+    x = activation(self.act)(dense(self.mlp_dim)(x))
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     return dense(d)(x)
 
@@ -38,17 +60,19 @@ class Encoder1DBlock(nn.Module):
   num_heads: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  act: str = "gelu"
+  norm_eps: float = NORM_EPS
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool = False):
-    """`mask`: optional bool [B, 1, 1, L], True where a key may be attended to."""
-    y = nn.LayerNorm(dtype=self.dtype)(x)
+    """`mask`: optional bool [B, 1, 1 or L, L], True where a query may attend to a key."""
+    y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype)(x)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype,
         kernel_init=nn.initializers.xavier_uniform(), deterministic=True)(y, y, mask=mask)
     x = x + nn.Dropout(self.dropout)(y, deterministic=not train)
-    y = nn.LayerNorm(dtype=self.dtype)(x)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype)(y, train=train)
+    y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype)(x)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.act)(y, train=train)
     return x + nn.Dropout(self.dropout)(y, deterministic=not train)
 
 
@@ -73,20 +97,21 @@ class Encoder(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   scan: bool = False
+  act: str = "gelu"
+  norm_eps: float = NORM_EPS
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool = False):
+    block = (self.mlp_dim, self.num_heads, self.dropout, self.dtype, self.act, self.norm_eps)
     if self.scan:
       blocks = nn.scan(_ScannedBlock, variable_axes={"params": 0},
                        split_rngs={"params": True, "dropout": True},
                        in_axes=(nn.broadcast, nn.broadcast), length=self.depth)
-      x, _ = blocks(self.mlp_dim, self.num_heads, self.dropout, self.dtype,
-                    name="encoderblock")(x, mask, train)
+      x, _ = blocks(*block, name="encoderblock")(x, mask, train)
     else:
       for i in range(self.depth):
-        x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout, self.dtype,
-                           name=f"encoderblock_{i}")(x, mask, train=train)
-    return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
+        x = Encoder1DBlock(*block, name=f"encoderblock_{i}")(x, mask, train=train)
+    return nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="encoder_norm")(x)
 
 
 class MAPHead(nn.Module):
@@ -94,6 +119,8 @@ class MAPHead(nn.Module):
   mlp_dim: int
   num_heads: int
   dtype: Any = jnp.float32
+  act: str = "gelu"
+  norm_eps: float = NORM_EPS
 
   @nn.compact
   def __call__(self, x, mask=None):
@@ -104,8 +131,8 @@ class MAPHead(nn.Module):
     x = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype,
         kernel_init=nn.initializers.xavier_uniform(), deterministic=True)(probe, x, mask=mask)
-    y = nn.LayerNorm(dtype=self.dtype)(x)
-    x = x + MlpBlock(self.mlp_dim, dtype=self.dtype)(y)
+    y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype)(x)
+    x = x + MlpBlock(self.mlp_dim, dtype=self.dtype, act=self.act)(y)
     return x[:, 0]
 
 
@@ -125,6 +152,8 @@ class ViT(nn.Module):
   """Image tower: images f32 [B, H, W, 3] -> (pooled [B, width], tokens [B, N, width]).
 
   H and W must be multiples of the patch size; N = (H/p)(W/p) (+1 with pool='tok').
+  OpenAI CLIP's tower is pool='tok', cls_posemb=True, pre_norm=True, patch_bias=False,
+  act='quick_gelu', norm_eps=1e-5; the defaults are big_vision's.
   """
   patch_size: tuple[int, int]
   width: int
@@ -136,6 +165,13 @@ class ViT(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   scan: bool = False
+  act: str = "gelu"  # MLP activation, a key of ACTIVATIONS
+  norm_eps: float = NORM_EPS  # every LayerNorm's epsilon
+  # The class token (pool='tok') is added before the learnt position embedding, which then has
+  # N + 1 rows, row 0 the class token's (CLIP); False: the token has no position (big_vision).
+  cls_posemb: bool = False
+  pre_norm: bool = False  # a LayerNorm ('pre_norm') on the tokens before the blocks (CLIP)
+  patch_bias: bool = True  # False: the patch embedding has no bias (CLIP)
 
   @nn.compact
   def __call__(self, image, *, train: bool = False):
@@ -148,25 +184,41 @@ class ViT(nn.Module):
       raise ValueError(
           f"images must be [B, H, W, C] with H, W multiples of the patch size {self.patch_size}; "
           f"got shape {image.shape}.")
+    if self.cls_posemb and (self.pool, self.posemb) != ("tok", "learn"):
+      raise ValueError("model.image.cls_posemb=True needs pool='tok' and posemb='learn' (a "
+                       f"learnt position for the class token); got pool={self.pool!r}, "
+                       f"posemb={self.posemb!r}.")
     x = nn.Conv(self.width, self.patch_size, strides=self.patch_size, padding="VALID",
-                dtype=self.dtype, name="embedding")(image)
+                use_bias=self.patch_bias, dtype=self.dtype, name="embedding")(image)
     n, h, w, d = x.shape
     x = x.reshape(n, h * w, d)
+
+    def tok(x):  # [B, N, D] -> [B, 1 + N, D], the class token first
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
+      return jnp.concatenate([jnp.tile(cls.astype(x.dtype), [n, 1, 1]), x], axis=1)
+
+    # Parameters are created in the order of the default path (pos_embedding, then cls): the
+    # init RNG is drawn per creation, so existing models initialise bit for bit as before.
+    if self.cls_posemb:
+      x = tok(x)
     if self.posemb == "learn":
-      pos = self.param("pos_embedding", nn.initializers.normal(stddev=d ** -0.5), (1, h * w, d))
+      pos = self.param("pos_embedding", nn.initializers.normal(stddev=d ** -0.5),
+                       (1, x.shape[1], d))
     else:
       pos = posemb_sincos_2d(h, w, d)
     x = x + pos.astype(x.dtype)
-    if self.pool == "tok":
-      cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
-      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), [n, 1, 1]), x], axis=1)
+    if self.pool == "tok" and not self.cls_posemb:
+      x = tok(x)
+    if self.pre_norm:
+      x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="pre_norm")(x)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout, self.dtype, self.scan,
-                name="Transformer")(x, train=train)
+                self.act, self.norm_eps, name="Transformer")(x, train=train)
     if self.pool == "gap":
       pooled = jnp.mean(x, axis=1)
     elif self.pool == "map":
-      pooled = MAPHead(self.mlp_dim, self.num_heads, self.dtype, name="MAPHead_0")(x)
+      pooled = MAPHead(self.mlp_dim, self.num_heads, self.dtype, self.act, self.norm_eps,
+                       name="MAPHead_0")(x)
     else:
       pooled = x[:, 0]
     return pooled, x
