@@ -16,7 +16,10 @@ the offending metrics and the last good checkpoint (which stays the latest); 'sk
 step's update inside the compiled step (parameters and optimizer state unchanged, bit for bit),
 logs `nonfinite` (0/1) and the running count `nonfinite_steps`, and trains on.
 
-Start. Once the state is restored or initialised, process 0 prints one line saying whether
+Start. Process 0 first prints the devices the run uses (`backend.startup_lines`: backend,
+device kinds, processes; a warning when an accelerator plugin found no device and the run fell
+back to the CPU, or when model.dtype is slow there; a ValueError when the devices cannot compute
+in it). Once the state is restored or initialised, process 0 prints one line saying whether
 this is a fresh run, a resume (from which step) or a finished run, and `train`'s `on_start`
 runs on every process, before compilation.
 
@@ -49,7 +52,7 @@ import numpy as np
 from siglip_fair.config.durations import resolve_steps
 from siglip_fair.data import versions
 from siglip_fair.models.two_tower import make_model
-from siglip_fair.train import checkpoint
+from siglip_fair.train import backend, checkpoint
 from siglip_fair.train.optim import make_optimizer
 from siglip_fair.train import flops as flops_lib
 from siglip_fair.train import memory, signals
@@ -172,6 +175,9 @@ def train(config, workdir: str, *, train_iter, evaluate_fn: Callable | None = No
 
 
 def _train(config, workdir, stop, train_iter, evaluate_fn, num_examples, stop_after, on_start):
+  lines = backend.startup_lines(config)  # raises first when the dtype cannot run here
+  if jax.process_index() == 0:
+    print("\n".join(lines), flush=True)
   steps = resolve_steps(config, num_examples)
   total = steps.total_steps
   mesh = make_mesh(config.get("mesh"))
