@@ -9,6 +9,11 @@ Arguments (``get_config("key=value,...")``):
   steps: training steps.  batch: global batch size.  loss: sigmoid | softmax.
   data: baseline | balanced (reads the keep mask from ``balance_dir``).  seed: run seed.
   lr: peak learning rate (``optim.lr``).
+  init: a released checkpoint to fine-tune (big_vision .npz or Hugging Face folder): model and
+    tokenizer come from it and its preprocessing preset (models/released.py), ``model.init_from``
+    loads its weights (its position grid resampled when ``res`` differs) and the loss follows
+    it (sigmoid with a learnt bias, softmax without); variant, text, width, depth and embed are
+    then unused.  init_tokenizer: the tokenizer file of a big_vision .npz (which carries none).
 """
 import ml_collections
 
@@ -20,7 +25,8 @@ from siglip_fair.evaluate.evaluators import default_evals_config
 
 
 ARGS = dict(variant="mu/8", text="mu", width=64, depth=2, embed=64, res=32, steps=1200,
-            batch=128, loss="sigmoid", data="baseline", seed=0, lr=3e-3)
+            batch=128, loss="sigmoid", data="baseline", seed=0, lr=3e-3, init="",
+            init_tokenizer="")
 
 
 def get_config(arg=None, **defaults):
@@ -37,7 +43,14 @@ def get_config(arg=None, **defaults):
   # '' = train on the synthetic world; else a corpus imported with `python -m
   # siglip_fair.data.imports` (its folder), annotated from its captions (annotate.source='text').
   c.train_data = ""
-  c.tokenizer = ml_collections.ConfigDict(dict(path="", vocab_size=320, max_len=16))
+  # path '' trains a sentencepiece model on the captions. The encoding rules (data/tokenizer.py;
+  # released models' presets in data/preprocess.py): kind 'sentencepiece' | 'hf' (a Hugging Face
+  # tokenizer.json), lower-casing, canonicalize (punctuation removed, whitespace collapsed), bos
+  # (a token, '' = none), eos 'none' | 'yes' | 'sticky', eos_token ('' = the sentencepiece
+  # model's EOS), pad_token ('' = id 0).
+  c.tokenizer = ml_collections.ConfigDict(dict(
+      path="", vocab_size=320, max_len=16, kind="sentencepiece", lower=False,
+      canonicalize=False, bos="", eos="sticky", eos_token="", pad_token=""))
   c.annotate = annotate_config()
   c.balance = m4_config()
   c.data_version = arg.data  # baseline | balanced
@@ -76,18 +89,33 @@ def get_config(arg=None, **defaults):
   # None keeps the variant's own size; the fields are always there, so `--config.model.image.
   # depth=...` works whatever the argument.
   overrides = {k: v or None for k, v in dict(width=arg.width, depth=arg.depth).items()}
+  # Tower options (models/two_tower.py): OpenAI CLIP's are image.pool='tok', cls_posemb,
+  # pre_norm, patch_bias=False; text.causal, pool='eos', eos_id, padding='none'; act
+  # 'quick_gelu', norm_eps 1e-5, head_bias=False. image.pixel_mean / pixel_std: the pixel
+  # normalisation the model applies to its [-1, 1] images (() = none; CLIP's mean / std).
+  tower = dict(head="", scan=False, act="gelu", norm_eps=1e-6)
   c.model = ml_collections.ConfigDict(dict(
       # head='' uses model.head; scan=True runs the blocks under nn.scan with big_vision's
       # stacked parameter layout (same numbers, one compiled block).
-      image=dict(variant=arg.variant, pool="gap", head="", scan=False, **overrides),
+      image=dict(variant=arg.variant, pool="gap", posemb="learn", cls_posemb=False,
+                 pre_norm=False, patch_bias=True, pixel_mean=(), pixel_std=(), **tower,
+                 **overrides),
       text=dict(variant=arg.text, vocab_size=c.tokenizer.vocab_size, max_len=c.tokenizer.max_len,
-                pool="last", head="", scan=False, **overrides),
+                pool="last", padding="mask", causal=False, eos_id=None, **tower, **overrides),
       embed_dim=arg.embed,
       head="linear",  # linear | mlp | none (see models/two_tower.py)
+      head_bias=True,
       dtype="float32",  # compute dtype; 'bfloat16' on accelerators (parameters stay float32)
       t_init=10.0 if arg.loss == "sigmoid" else 1 / 0.07,
       b_init=-10.0 if arg.loss == "sigmoid" else None,
+      # A released checkpoint (big_vision .npz, Hugging Face folder) whose weights replace the
+      # random initialisation: training fine-tunes it. Its config.model must match (the `init`
+      # argument builds it); init_resize_posemb resamples its position grid to world.image_size.
+      init_from="",
+      init_resize_posemb=False,
   ))
+  if arg.init:
+    _from_checkpoint(c, arg)
   # name: adamw | sgd | adafactor. The lr warms up linearly, then follows `schedule`: 'cosine'
   # to end_lr_frac * lr, 'rsqrt' (lr / sqrt(1 + t / timescale), big_vision's) or 'constant';
   # `cooldown` ends any of them linearly at 0, `rewarmup` restarts it (warm-up from 0) at each
@@ -123,6 +151,18 @@ def get_config(arg=None, **defaults):
   c.eval_data = ml_collections.ConfigDict()
   c.eval_batch_size = 250
   return c
+
+
+def _from_checkpoint(c, arg):
+  """Model, tokenizer and loss of the released checkpoint `arg.init` (see the docstring)."""
+  from siglip_fair.models import released  # pylint: disable=g-import-not-at-top
+  spec = released.resolve(arg.init, tokenizer=dict(path=arg.init_tokenizer or None))
+  dtype = c.model.dtype
+  c.model = ml_collections.ConfigDict(spec.model)
+  c.model.update(dtype=dtype, init_from=arg.init,
+                 init_resize_posemb=spec.released.image_size != arg.res)
+  c.tokenizer = ml_collections.ConfigDict(spec.tokenizer)
+  c.loss = "sigmoid" if c.model.b_init is not None else "softmax"
 
 
 def sweep(add):

@@ -17,7 +17,7 @@ import numpy as np
 from siglip_fair import annotate
 from siglip_fair.config.durations import resolve_steps
 from siglip_fair.data import builder, pipeline, versions, world
-from siglip_fair.data.tokenizer import Tokenizer, train_sentencepiece
+from siglip_fair.data.tokenizer import Tokenizer, make_tokenizer, train_sentencepiece
 from siglip_fair.io import atomic_savez, atomic_write
 
 EVAL_SPLITS = ("objects", "people", "retrieval")
@@ -71,7 +71,8 @@ def prepare_data(config, workdir: str, *, report: bool = False) -> Data:
       raise FileNotFoundError(f"tokenizer.path={path!r} does not exist.")
     captions = train_fields["captions"].reshape(-1)
     train_sentencepiece((c.decode("utf-8") for c in captions), tok.vocab_size, path)
-  tokenizer = Tokenizer(path, tok.max_len)
+  # The encoding rules of config.tokenizer (a released model's preset: data/preprocess.py).
+  tokenizer = make_tokenizer({**tok.to_dict(), "path": path})
   if tokenizer.vocab_size > config.model.text.vocab_size:
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but "
                      f"model.text.vocab_size={config.model.text.vocab_size}; raise the latter.")

@@ -10,12 +10,17 @@ config.model = dict(
                          # OpenAI CLIP's towers: image.pool='tok', cls_posemb=True,
                          # pre_norm=True, patch_bias=False; text.causal=True, pool='eos',
                          # eos_id (None: highest id), padding='none'; act='quick_gelu',
-                         # norm_eps=1e-5 (models/hf.py writes these from a config.json)
+                         # norm_eps=1e-5 (models/hf.py writes these from a config.json);
+                         # image.pixel_mean / pixel_std: the pixel normalisation the model
+                         # applies to its [-1, 1] input (CLIP's mean / std; () = none)
     embed_dim=64,        # shared embedding width, independent of the towers' widths
     head='linear',       # projection into it: 'linear', 'mlp' (hidden layer of the tower's
                          # width, GELU) or 'none' (identity; embed_dim = that tower's width).
                          # Released big_vision SigLIP: image.head='none', text.head='linear'.
     head_bias=True,      # False: the projections into embed_dim have no bias (CLIP)
+    init_from='',        # a released big_vision .npz or Hugging Face folder whose parameters
+                         # replace the random initialisation (fine-tuning; models/released.py);
+                         # init_resize_posemb=True resamples its position grid to the images'
     t_init=10.0,         # initial temperature (SigLIP 10; CLIP 1/0.07)
     b_init=-10.0,        # initial logit bias (SigLIP -10); None = no bias (CLIP)
     dtype='float32',     # compute dtype ('bfloat16' on accelerators); parameters stay float32
@@ -62,6 +67,31 @@ class TwoTower(nn.Module):
   image_head: str = ""
   text_head: str = ""
   head_bias: bool = True  # the final Dense of 'linear' / 'mlp' heads (CLIP's have none)
+  # `init` returns this checkpoint's parameters (a big_vision .npz or Hugging Face folder)
+  # instead of random ones: training then fine-tunes it. '' = random initialisation.
+  init_from: str = ""
+  init_resize_posemb: bool = False  # resample its position grid when the images need another
+
+  @nn.nowrap
+  def init(self, rngs, *args, **kwargs):  # pylint: disable=arguments-differ
+    """flax's `init`; with `init_from`, the parameters are the checkpoint's (shapes checked
+    against the random ones, position grid for the images' size; models/released.py)."""
+    variables = super().init(rngs, *args, **kwargs)
+    if not self.init_from:
+      return variables
+    from siglip_fair.models import released  # pylint: disable=g-import-not-at-top
+    image = args[0] if args else kwargs.get("image")
+    if image is None:
+      raise ValueError("model.init_from needs images at init, to know their size.")
+    if image.shape[1] != image.shape[2]:
+      raise ValueError(f"model.init_from needs square images, got {image.shape[1:3]}.")
+    loaded = released.init_params(self.init_from, variables["params"],
+                                  image_size=int(image.shape[1]),
+                                  resize_posemb=self.init_resize_posemb)
+    # The checkpoint's values become constants of the (jitted) init; dtypes as initialised.
+    params = jax.tree.map(lambda new, old: jnp.asarray(old, new.dtype), variables["params"],
+                          loaded)
+    return {**variables, "params": params}
 
   @nn.compact
   def __call__(self, image=None, text=None, *, train: bool = False):
@@ -120,12 +150,18 @@ def make_model(config) -> TwoTower:
   icfg, tcfg = config["image"], config["text"]
   if tcfg.get("vocab_size") is None:
     raise ValueError("config.model.text.vocab_size is required (the tokenizer's vocabulary).")
+  pixel_mean, pixel_std = (tuple(float(v) for v in icfg.get(k) or ())
+                           for k in ("pixel_mean", "pixel_std"))
+  if (pixel_mean or pixel_std) and (len(pixel_mean), len(pixel_std)) != (3, 3):
+    raise ValueError(f"config.model.image.pixel_mean={pixel_mean} / pixel_std={pixel_std} need "
+                     "3 values each (RGB), or () for none.")
   img = ViT(**_sizes(icfg, need_patch=True), pool=icfg.get("pool", "gap"),
             posemb=icfg.get("posemb", "learn"), dropout=icfg.get("dropout", 0.0), dtype=dtype,
             scan=bool(icfg.get("scan", False)), **_block_options(icfg, "image"),
             cls_posemb=bool(icfg.get("cls_posemb", False)),
             pre_norm=bool(icfg.get("pre_norm", False)),
-            patch_bias=bool(icfg.get("patch_bias", True)))
+            patch_bias=bool(icfg.get("patch_bias", True)), pixel_mean=pixel_mean,
+            pixel_std=pixel_std)
   eos_id = tcfg.get("eos_id")
   txt = TextTransformer(**_sizes(tcfg, need_patch=False), vocab_size=int(tcfg["vocab_size"]),
                         max_len=int(tcfg.get("max_len", 64)), pool=tcfg.get("pool", "last"),
@@ -150,7 +186,9 @@ def make_model(config) -> TwoTower:
   return TwoTower(img=img, txt=txt, embed_dim=int(config["embed_dim"]), head=head, t_init=t_init,
                   b_init=None if b_init is None else float(b_init), dtype=dtype,
                   image_head=tower_heads["image"], text_head=tower_heads["text"],
-                  head_bias=bool(config.get("head_bias", True)))
+                  head_bias=bool(config.get("head_bias", True)),
+                  init_from=str(config.get("init_from", "") or ""),
+                  init_resize_posemb=bool(config.get("init_resize_posemb", False)))
 
 
 def _block_options(tower_cfg, name: str) -> dict:

@@ -3,7 +3,8 @@
 Follows big_vision's ViT (pre-LayerNorm blocks, xavier-uniform attention/MLP kernels, MAP
 pooling head) so that configurations and parameter names read the same. Options that are off by
 default express OpenAI CLIP's image tower as well (class token with its own position embedding,
-a LayerNorm before the blocks, no patch-embedding bias, quick-GELU, LayerNorm epsilon 1e-5).
+a LayerNorm before the blocks, no patch-embedding bias, quick-GELU, LayerNorm epsilon 1e-5) and
+its pixel normalisation (`pixel_mean` / `pixel_std`: images still come in [-1, 1]).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+
+from siglip_fair.data.preprocess import unit_range_affine
 
 IMAGE_POOLS = ("gap", "map", "tok")
 POSEMBS = ("learn", "sincos2d")
@@ -172,6 +175,11 @@ class ViT(nn.Module):
   cls_posemb: bool = False
   pre_norm: bool = False  # a LayerNorm ('pre_norm') on the tokens before the blocks (CLIP)
   patch_bias: bool = True  # False: the patch embedding has no bias (CLIP)
+  # Images come in [-1, 1] (p / 127.5 - 1 of uint8 pixels p) everywhere in the project; a model
+  # trained on (p / 255 - mean) / std gets those values by this exact affine map first (OpenAI
+  # CLIP's mean / std). () = none (big_vision and SigLIP were trained on [-1, 1]).
+  pixel_mean: tuple[float, ...] = ()
+  pixel_std: tuple[float, ...] = ()
 
   @nn.compact
   def __call__(self, image, *, train: bool = False):
@@ -188,6 +196,10 @@ class ViT(nn.Module):
       raise ValueError("model.image.cls_posemb=True needs pool='tok' and posemb='learn' (a "
                        f"learnt position for the class token); got pool={self.pool!r}, "
                        f"posemb={self.posemb!r}.")
+    if self.pixel_mean or self.pixel_std:
+      affine = unit_range_affine(self.pixel_mean or (0.5,) * 3, self.pixel_std or (0.5,) * 3)
+      if affine is not None:
+        image = image * affine[0] + affine[1]
     x = nn.Conv(self.width, self.patch_size, strides=self.patch_size, padding="VALID",
                 use_bias=self.patch_bias, dtype=self.dtype, name="embedding")(image)
     n, h, w, d = x.shape
