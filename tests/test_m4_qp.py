@@ -52,3 +52,24 @@ def test_matches_exact_qp(seed, n, m, c, p, overrides):
       {} if cfg.use_proxies else {"proxy": np.zeros((m, 0))}))) < qp.flatten(ref["eps"]) - 1e-4
   price = np.array([c_["price"] for c_ in result.card["constraints"]])
   assert np.all(np.abs(price[slack]) < 1e-3 * max(1.0, np.abs(price).max()))
+
+
+def test_soft_membership_matches_exact_qp_on_the_same_probabilities():
+  # [0, 1] memberships (soft_membership=True) are constrained as expected moments: the
+  # same problem the exact QP solves on the fractional values.
+  ann, pi = qp.random_instance(11, 3000, 2, 6, 0, target_jitter=0.05)
+  rng = np.random.default_rng(11)
+  ann["s"] = np.where(ann["s"] > 0, rng.uniform(0.6, 1.0, ann["s"].shape),
+                      rng.uniform(0.0, 0.3, ann["s"].shape)).astype(np.float32)
+  ann["s"] *= ann["known"][:, None]
+  cfg = m4.default_config()
+  cfg.pi, cfg.eps_rep, cfg.eps_assoc, cfg.soft_membership = pi.tolist(), 0.01, 0.01, True
+  ref = qp.solve_qp(ann, cfg)
+  assert ref["status"] == "optimal"
+  result = m4.balance(ann, cfg, jax.random.key(0))
+  assert np.abs(result.q - ref["q"]).max() < 1e-3
+  assert qp.objective(result.q, ann["u"] * 0, cfg.eta) == pytest.approx(ref["objective"],
+                                                                          rel=1e-4)
+  cfg.soft_membership = False
+  with pytest.raises(ValueError, match="exactly 0 or 1"):
+    m4.balance(ann, cfg, jax.random.key(0))

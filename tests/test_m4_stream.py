@@ -300,3 +300,24 @@ def test_tolerances_per_family():
   cfg.tolerance_proxy = "relatve"
   with pytest.raises(ValueError, match="tolerance_proxy must be"):
     m4.check_config(cfg)
+
+
+def test_shapes_of_parquet_and_record_shards_are_checked_as_they_are_read(tmp_path):
+  ann, _ = _instance(n=600)
+  cfg = _config(chunk_size=256)
+  # Records: shapes are known only once read; a [1]-shaped utility per record is [n, 1].
+  records = [{"s": ann["s"][i], "y": ann["y"][i], "w": ann["w"][i], "u": ann["u"][i:i + 1]}
+             for i in range(300)]
+  with pytest.raises(ValueError, match=r"annotations: 'u' has shape \(256, 1\) but "
+                                       r"must be \[N\].*flatten"):
+    stream.balance_stream([shards.RecordShard(records, fields=("s", "y", "w", "u"))], cfg,
+                          jax.random.key(0))
+  # Parquet shards whose label columns differ are refused, naming the second file.
+  folder = tmp_path / "pq"
+  folder.mkdir()
+  _write_parquet(ann, folder / "a.parquet", slice(0, 300), row_group_size=100)
+  _write_parquet(dict(ann, y=ann["y"][:, :5]), folder / "b.parquet", slice(300, 600),
+                 row_group_size=100)
+  with pytest.raises(ValueError, match=r"b.parquet.*'y' has 5 columns \(labels\) but the "
+                                       "first shard has 8"):
+    stream.balance_stream(str(folder), cfg, jax.random.key(0))

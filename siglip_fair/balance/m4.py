@@ -43,6 +43,7 @@ import ml_collections
 import numpy as np
 
 from siglip_fair.balance import card as cardlib
+from siglip_fair.balance import inputs
 
 BLOCKS = ("rep", "assoc", "proxy")
 
@@ -90,6 +91,13 @@ def default_config() -> ml_collections.ConfigDict:
   # rows from each, and the blocks are spread over gcd(blocks, devices) devices (dual.py), so
   # the result does not depend on the device or process count.
   c.optim.blocks = 8
+  # False: s, known, y and w must be exactly 0 or 1 (SPEC §1: membership, knowledge, labels
+  # and proxies are multi-hot). True: values in [0, 1] are read as probabilities (e.g. a
+  # zero-shot classifier's posterior that an example shows group k). Every constraint is
+  # linear in each of s, known, y, w, so M4 then meets the expected moments
+  # E[q (s − π) known y] over independent per-example draws of the memberships, i.e. the
+  # moments of any hard labelling drawn from those probabilities, in expectation.
+  c.soft_membership = False
   c.repeats = False      # also draw integer repeat counts with E[r] = q / η (same-size data).
   # The `balance` command fails (exit 1, nothing written) when the card's verdict is
   # 'infeasible'; True writes the outputs anyway, with the verdict and binding constraints in
@@ -194,15 +202,15 @@ def constraint_moments(q, ann: dict, pi) -> dict:
 # --------------------------------------------------------------------------------- set-up
 
 def prepare(ann: dict, config) -> Examples:
-  """Validates an annotations dict against config's switches: float32 numpy `Examples`.
+  """Validates an annotations dict (`inputs.check_arrays`: shapes, dtypes, values of every
+  given field) against config's switches: float32 numpy `Examples`.
 
   `known` [N] is broadcast to [N, m]; switched-off labels / proxies become [N, 0], u zeros.
   """
   if "s" not in ann or "known" not in ann:
     raise ValueError("annotations need 's' [N, m] and 'known' [N] (docs/ARCHITECTURE.md).")
+  inputs.check_arrays(ann, config)
   s = np.asarray(ann["s"], np.float32)
-  if s.ndim != 2 or 0 in s.shape:
-    raise ValueError(f"annotations['s'] must be [N, m] with N, m >= 1, got shape {s.shape}.")
   n, m = s.shape
 
   def field(name, on, matrix):
@@ -211,27 +219,12 @@ def prepare(ann: dict, config) -> Examples:
     if name not in ann:
       raise ValueError(f"annotations lack {name!r}, needed by the config (use_labels, "
                        "use_proxies, use_utility); add it or switch that option off.")
-    x = np.asarray(ann[name], np.float32)
-    if x.shape[:1] != (n,) or x.ndim != (2 if matrix else 1):
-      raise ValueError(f"annotations[{name!r}] must be [{n}{', …' if matrix else ''}] to "
-                       f"match s {s.shape}, got shape {x.shape}.")
-    if not np.all(np.isfinite(x)):
-      raise ValueError(f"annotations[{name!r}] has non-finite values.")
-    return x
+    return np.asarray(ann[name], np.float32)
 
   known = np.asarray(ann["known"], np.float32)
-  if known.shape == (n,):
-    known = np.repeat(known[:, None], m, axis=1)
-  if known.shape != (n, m):
-    raise ValueError(f"annotations['known'] must be [{n}] or [{n}, {m}], got {known.shape}.")
-  ex = Examples(s, known, field("y", config.use_labels, True),
-                field("w", config.use_proxies, True), field("u", config.use_utility, False))
-  for name in ("s", "known", "y", "w"):
-    x = getattr(ex, name)
-    if not np.all((x >= 0) & (x <= 1)):
-      raise ValueError(f"annotations[{name!r}] must lie in [0, 1] (multi-hot), got values "
-                       f"in [{x.min()}, {x.max()}].")
-  return ex
+  known = np.broadcast_to(known.reshape(n, -1), (n, m)).copy()
+  return Examples(s, known, field("y", config.use_labels, True),
+                  field("w", config.use_proxies, True), field("u", config.use_utility, False))
 
 
 def check_config(config) -> None:

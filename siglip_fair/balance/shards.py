@@ -26,10 +26,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from siglip_fair.balance import inputs
 from siglip_fair.io import atomic_savez
 
-FIELDS = ("s", "known", "y", "w", "u")
-_MULTI_HOT = ("s", "known", "y", "w")
+FIELDS = inputs.FIELDS
+_MULTI_HOT = inputs.MULTI_HOT
+_FIX = "rewrite the shard with balance.write_shards (docs/ARCHITECTURE.md, Annotations)"
 
 
 class Shard(Protocol):
@@ -38,14 +40,17 @@ class Shard(Protocol):
 
 
 class ArrayShard:
-  """In-memory annotation arrays (no copy)."""
+  """In-memory annotation arrays (no copy). `specs` (shapes, dtypes) are checked before any
+  pass (`stream.Plan`), so a field with more rows than 's' is refused, never cut."""
 
   def __init__(self, ann: Mapping[str, Any]):
     if "s" not in ann:
       raise ValueError("annotations need 's' [N, m] (docs/ARCHITECTURE.md); got keys "
                        f"{sorted(ann)}.")
     self.arrays = {k: np.asarray(v) for k, v in ann.items() if k in FIELDS}
-    self._n = len(self.arrays["s"])
+    self.specs = {k: (v.shape, v.dtype) for k, v in self.arrays.items()}
+    s = self.arrays["s"]
+    self._n = len(s) if s.ndim else 0
 
   def __len__(self):
     return self._n
@@ -116,32 +121,6 @@ def _stored_views(path: str) -> dict[str, np.ndarray] | None:
   return views
 
 
-# The shape each field must have, N rows like 's' [N, m] (docs/ARCHITECTURE.md).
-_SHAPES = {"known": "[N] or [N, m]", "y": "[N, c]", "w": "[N, p]", "u": "[N]"}
-
-
-def _shape_ok(name: str, shape: tuple[int, ...], s: tuple[int, ...]) -> bool:
-  if shape[:1] != s[:1]:
-    return False
-  if name == "known":
-    return len(shape) == 1 or tuple(shape) == tuple(s)
-  return len(shape) == (1 if name == "u" else 2)
-
-
-def _check_shapes(path: str, shapes: Mapping[str, tuple[int, ...]]) -> None:
-  """Every field has the rows of 's' and its rank, so a bad shard fails when it is opened,
-  naming the file, rather than midway through a pass."""
-  s = tuple(shapes["s"])
-  fix = "rewrite the shard with balance.write_shards (docs/ARCHITECTURE.md, Annotations)"
-  if len(s) != 2 or 0 in s[1:]:
-    raise ValueError(f"annotation shard {path!r}: 's' has shape {s} but must be [N, m] "
-                     f"(one multi-hot column per group); {fix}.")
-  for name, want in _SHAPES.items():
-    if name in shapes and not _shape_ok(name, tuple(shapes[name]), s):
-      raise ValueError(f"annotation shard {path!r}: {name!r} has shape {tuple(shapes[name])} "
-                       f"but must be {want} with N = {s[0]} like 's' {s}; {fix}.")
-
-
 class NpzShard:
   """One .npz annotation file; arrays are mapped (or loaded) on the first `read` of a pass and
   kept until a read starts at row 0 of another shard (M4 reads shards front to back)."""
@@ -164,7 +143,8 @@ class NpzShard:
     if "s" not in headers:
       raise ValueError(f"annotation shard {self.path!r} has no 's' array; it has "
                        f"{sorted(headers)}.")
-    _check_shapes(self.path, {k: shape for k, (shape, _) in headers.items() if k in FIELDS})
+    self.specs = {k: v for k, v in headers.items() if k in FIELDS}
+    inputs.check_shapes(self.specs, where=f"annotation shard {self.path!r}: ", fix=_FIX)
     self._n = headers["s"][0][0]
     self._cache = None
 

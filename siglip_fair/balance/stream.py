@@ -24,7 +24,7 @@ import numpy as np
 import tqdm
 
 from siglip_fair.balance import card as cardlib
-from siglip_fair.balance import dual, m4
+from siglip_fair.balance import dual, inputs, m4
 from siglip_fair.balance.shards import as_shards, iter_chunks
 
 _BLOCK = 1 << 16  # keep / repeat draws: one PRNG key per block of global row indices
@@ -38,9 +38,13 @@ def sample_indices(n: int, size: int, seed: int) -> np.ndarray | None:
 
 
 def _pad(arrays: dict, chunk: int, config) -> tuple[m4.Examples, np.ndarray]:
-  """Host chunk -> fixed-size Examples (dtypes kept; cast on the device) and mask [chunk]."""
+  """Host chunk -> fixed-size Examples (dtypes kept; cast on the device) and mask [chunk].
+
+  Shapes were checked by `_walk`. Every given field is kept, used or not, so the totals pass
+  checks its values (a NaN in an unused utility is refused too); `solver_view` drops what the
+  config switches off.
+  """
   n = len(arrays["s"])
-  m = arrays["s"].shape[1]
 
   def get(name, on, shape):
     if name in arrays:  # labels / proxies that are off still go into the card, unconstrained
@@ -50,19 +54,13 @@ def _pad(arrays: dict, chunk: int, config) -> tuple[m4.Examples, np.ndarray]:
                        "use_proxies, use_utility); add it or switch that option off.")
     return np.zeros((n,) + shape, np.uint8)
 
-  known = np.asarray(arrays["known"]) if "known" in arrays else None
-  if known is None:
+  if "known" not in arrays:
     raise ValueError("annotations need 'known' [N] or [N, m] (docs/ARCHITECTURE.md).")
-  if known.ndim not in (1, 2) or (known.ndim == 2 and known.shape[1] != m):
-    raise ValueError(f"annotations['known'] must be [N] or [N, {m}], got {known.shape}.")
+  known = np.asarray(arrays["known"])
   if known.ndim == 1:
     known = known[:, None]
-  u = get("u", config.use_utility, ()) if config.use_utility else np.zeros(n, np.uint8)
   fields = [np.asarray(arrays["s"]), known, get("y", config.use_labels, (0,)),
-            get("w", config.use_proxies, (0,)), u]
-  for name, x in zip(("s", "known", "y", "w", "u"), fields):
-    if len(x) != n:
-      raise ValueError(f"annotations[{name!r}] has {len(x)} rows but 's' has {n}.")
+            get("w", config.use_proxies, (0,)), get("u", config.use_utility, ())]
   pad = chunk - n
   fields = [np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) if pad else x for x in fields]
   mask = np.zeros(chunk, np.float32)
@@ -71,9 +69,11 @@ def _pad(arrays: dict, chunk: int, config) -> tuple[m4.Examples, np.ndarray]:
 
 
 def solver_view(ex: m4.Examples, config) -> m4.Examples:
-  """The columns M4 constrains: labels / proxies that are switched off become [n, 0]."""
+  """The columns M4 constrains: labels / proxies that are switched off become [n, 0], and the
+  utility zeros when use_utility is off."""
   return ex._replace(y=ex.y if config.use_labels else ex.y[:, :0],
-                     w=ex.w if config.use_proxies else ex.w[:, :0])
+                     w=ex.w if config.use_proxies else ex.w[:, :0],
+                     u=ex.u if config.use_utility else np.zeros(ex.u.shape, np.uint8))
 
 
 def _f32(ex: m4.Examples) -> m4.Examples:
@@ -85,7 +85,8 @@ def _f32(ex: m4.Examples) -> m4.Examples:
 
 @jax.jit
 def _totals(ex: m4.Examples, mask):
-  """Chunk sums for targets / tolerances, and value checks (min, max, non-finite count).
+  """Chunk sums for targets / tolerances, and value checks (min, max, non-finite count, count
+  strictly between 0 and 1) of every field, as `inputs.value_summary` over the real rows.
 
   Padding rows are zeros, so column sums need no mask; integer fields (multi-hot uint8) are
   checked in their own dtype, which saves a float copy of the widest arrays.
@@ -99,24 +100,18 @@ def _totals(ex: m4.Examples, mask):
   valid = mask > 0
   for name, x in zip(m4.Examples._fields, ex):
     x = x.reshape(x.shape[0], -1)
-    if jnp.issubdtype(x.dtype, jnp.integer):
+    if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
+      x = x.astype(jnp.int32) if x.dtype == jnp.bool_ else x
       lo = jnp.min(x, initial=0) if jnp.issubdtype(x.dtype, jnp.signedinteger) else 0
       checks[name] = (jnp.asarray(lo, jnp.float32), jnp.max(x, initial=0).astype(jnp.float32),
-                      jnp.int32(0))
+                      jnp.int32(0), jnp.int32(0))
     else:
       v = valid[:, None]
-      checks[name] = (jnp.min(jnp.where(v, x, jnp.inf), initial=jnp.inf),
-                      jnp.max(jnp.where(v, x, -jnp.inf), initial=-jnp.inf),
-                      jnp.sum(v & ~jnp.isfinite(x)))
+      finite = v & jnp.isfinite(x)
+      checks[name] = (jnp.min(jnp.where(finite, x, jnp.inf), initial=jnp.inf),
+                      jnp.max(jnp.where(finite, x, -jnp.inf), initial=-jnp.inf),
+                      jnp.sum(v & ~jnp.isfinite(x)), jnp.sum(finite & (x > 0) & (x < 1)))
   return sums, checks
-
-
-def _check(name, lo, hi, bad, where):
-  if bad:
-    raise ValueError(f"annotations[{name!r}] has {int(bad)} non-finite values ({where}).")
-  if name != "u" and (lo < 0 or hi > 1):
-    raise ValueError(f"annotations[{name!r}] must lie in [0, 1] (multi-hot), got values in "
-                     f"[{lo}, {hi}] ({where}).")
 
 
 class Plan:
@@ -135,6 +130,33 @@ class Plan:
                        "process reads whole shards, so write at least one per process.")
     self.local = [i for i in range(len(self.shards)) if i % count == p]
     self.everything = count == 1
+    # Shapes up front from what the shards know without reading (arrays, .npz headers); the
+    # others (parquet, records) are checked chunk by chunk as they are read (`check`).
+    self.dims, self.fields = None, None
+    for i, shard in enumerate(self.shards):
+      specs = getattr(shard, "specs", None)
+      if specs is not None:
+        self.check(i, specs)
+
+  def where(self, i: int) -> str:
+    """How messages name shard i."""
+    path = getattr(self.shards[i], "path", None)
+    if path is not None:
+      return f"annotation shard {path!r}: "
+    return "annotations: " if len(self.shards) == 1 else f"annotation shard {i}: "
+
+  def check(self, i: int, specs: dict) -> None:
+    """Shard i's fields {name: (shape, dtype)} against each other and against the shards
+    checked before it (same fields, same m, c, p)."""
+    where = self.where(i)
+    fix = "rewrite the shard with balance.write_shards" if hasattr(self.shards[i], "path") \
+        else None
+    dims = inputs.check_shapes(specs, where=where, fix=fix, dims=self.dims)
+    fields = {k for k in specs if k in inputs.FIELDS}
+    if self.fields is not None and fields != self.fields:
+      raise ValueError(f"{where}has fields {sorted(fields)} but an earlier shard has "
+                       f"{sorted(self.fields)}; every shard needs the same fields.")
+    self.dims, self.fields = inputs.merge_dims(self.dims, dims), fields
 
   def rows(self) -> np.ndarray | None:
     """Global indices of this process's rows, in its reading order (None: all rows)."""
@@ -152,7 +174,10 @@ def _walk(plan: Plan, chunk, config, desc, progress):
   local = 0
   with bar:
     for i in plan.local:
+      checked = getattr(plan.shards[i], "specs", None) is not None
       for offset, arrays in iter_chunks([plan.shards[i]], chunk):
+        if not checked:
+          plan.check(i, {k: (np.shape(v), np.asarray(v).dtype) for k, v in arrays.items()})
         rows = len(arrays["s"])
         ex, mask = _pad(arrays, chunk, config)
         yield int(plan.offsets[i]) + offset, local, rows, ex, mask
@@ -185,6 +210,7 @@ def totals_pass(plan: Plan, config, chunk, idx, progress=False):
   multi-hot stays 4x smaller than float32), both over all processes (each process reads its
   shards; sample rows are gathered in global order)."""
   acc, parts, index = None, [], []
+  soft = bool(config.get("soft_membership", False))
 
   def dispatched():
     for offset, _, rows, ex, mask in _walk(plan, chunk, config, "M4 totals", progress):
@@ -196,8 +222,11 @@ def totals_pass(plan: Plan, config, chunk, idx, progress=False):
 
   for (sums, checks), offset in _overlapped(dispatched()):
     shard = int(np.searchsorted(plan.offsets, offset, side="right")) - 1
-    for name, (lo, hi, bad) in checks.items():
-      _check(name, float(lo), float(hi), int(bad), f"shard {shard}, rows from {offset}")
+    for name, (lo, hi, bad, frac) in checks.items():
+      if lo > hi:  # no finite value in this chunk's field (empty, or all non-finite)
+        lo = hi = 0.0
+      inputs.check_values(name, float(lo), float(hi), int(bad), int(frac),
+                          f"shard {shard}, rows from {offset}", soft)
     acc = _add(acc, sums)
   sample = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
   m = sample.s.shape[1]
