@@ -89,10 +89,13 @@ def get_config(arg=None):
   # The two-tower model that infers the groups: by default a SigLIP trained on the synthetic
   # world's captions (it never sees the target task) in <workdir>/clip, or any run's workdir
   # (clip.workdir) or a big_vision checkpoint (clip.kind='big_vision', clip.npz, clip.tokenizer,
-  # clip.image_size).
+  # clip.image_size: 0 = the checkpoint's), or a released big_vision .npz / Hugging Face folder
+  # with its own preprocessing (clip.kind='released', clip.path, clip.family: '' = its own).
+  # Another image_size than the checkpoint's needs clip.resize_posemb=true.
   c.clip = ml_collections.ConfigDict(dict(
       kind="run", workdir="", train_if_missing=True, npz="", tokenizer="", image_size=0,
-      eos="none", text_padding="none", batch_size=256,
+      eos="none", text_padding="none", batch_size=256, path="", family="",
+      resize_posemb=False,
       config=siglip.get_config(f"steps={arg.clip_steps}")))
   c.clip.config.progress = False
 

@@ -123,23 +123,17 @@ def annotations(config, data: Data) -> dict[str, np.ndarray]:
 
 def image_annotations(config, data: Data) -> dict[str, np.ndarray] | None:
   """Image-side annotations of the training split: zero-shot inference with the two-tower
-  checkpoint in `annotate.zeroshot.checkpoint` when `annotate.image == 'zeroshot'`; None (the
-  world's ground truth) otherwise. Recomputed on each call: one pass over the images."""
+  checkpoint in `annotate.zeroshot.checkpoint` (a run's workdir or a released .npz / Hugging Face
+  folder) when `annotate.image == 'zeroshot'`; None (the world's ground truth) otherwise.
+  Recomputed on each call: one pass over the images."""
   cfg = config.annotate
   if cfg.image not in annotate.IMAGE_SIDES:
     raise ValueError(f"annotate.image={cfg.image!r}; expected one of {annotate.IMAGE_SIDES}.")
   if cfg.image != "zeroshot" or cfg.source not in ("combined", "image"):
     return None
   from siglip_fair.annotate import zeroshot
-  from siglip_fair.models.two_tower import embed_fns, make_model, temperature
-  from siglip_fair.train.checkpoint import load_params
-  if not cfg.zeroshot.checkpoint:
-    raise ValueError("annotate.image='zeroshot' needs annotate.zeroshot.checkpoint: the workdir "
-                     "of a trained two-tower run (e.g. a baseline run).")
-  params = load_params(cfg.zeroshot.checkpoint)
-  embed_images, embed_texts = embed_fns(make_model(config.model))
-  annotator = zeroshot.ZeroShotAnnotator(embed_images, embed_texts, data.tokenizer, temperature,
-                                         cfg.zeroshot)
+  # A run's workdir, or a released checkpoint with its own tokenizer and preprocessing.
+  annotator, params = zeroshot.load_annotator(cfg.zeroshot, config.model, data.tokenizer)
   return annotator.annotate(params, data.sources["train"])
 
 

@@ -309,7 +309,7 @@ def test_released_overrides_and_errors(tmp_path, spm_path):
     released.load_params(spec)
   assert released.load_params(spec, resize_posemb=True)["img"]["pos_embedding"].shape == (
       1, 36, 16)
-  with pytest.raises(ValueError, match="is a folder without config.json"):
+  with pytest.raises(ValueError, match="is a folder without config.json and model.safetensors"):
     released.resolve(str(tmp_path))
 
 

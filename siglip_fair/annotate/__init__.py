@@ -32,7 +32,9 @@ def default_config() -> ml_collections.ConfigDict:
     `rule`, one of RULES; see `combine`).
   image: the image side: 'ground_truth' (the world's labels stand in for it) or
     'zeroshot' (inferred by the two-tower model in `zeroshot.checkpoint`, a
-    training workdir, with the prompt sets of `zeroshot`; see zeroshot.py).
+    training workdir or a released big_vision .npz / Hugging Face folder with its
+    own tokenizer and preprocessing (an .npz's tokenizer file in
+    `zeroshot.tokenizer`), with the prompt sets of `zeroshot`; see zeroshot.py).
   caption_index: which of the K captions the lexicon reads.
   """
   from siglip_fair.annotate import zeroshot  # pylint: disable=g-import-not-at-top

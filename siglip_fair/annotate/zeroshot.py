@@ -53,6 +53,9 @@ def default_config() -> ml_collections.ConfigDict:
   cfg.min_margin = 0.0
   cfg.proxy_threshold = 0.0
   cfg.batch_size = 256
+  # With a released `checkpoint` (a big_vision .npz or Hugging Face folder), the sentencepiece
+  # model or tokenizer.json of an .npz (a folder carries its own); '' otherwise.
+  cfg.tokenizer = ""
   return cfg
 
 
@@ -171,12 +174,17 @@ class ZeroShotAnnotator:
     tokenizer: `encode(list[str]) -> int32 [P, L]`.
     temperature_fn: params -> logit scale t (`models.two_tower.temperature`).
     cfg: see `default_config` (defaults when None).
+    prepare: uint8 images [B, H, W, 3] -> float32 [B, S, S, 3] in [-1, 1] at the model's
+      resolution (a released model's preprocessing: data/preprocess.images_at); default: the
+      source's images as they are, scaled to [-1, 1].
   """
 
   def __init__(self, embed_images: Callable, embed_texts: Callable,
                tokenizer: Any, temperature_fn: Callable[[Any], float],
-               cfg: ml_collections.ConfigDict | None = None):
+               cfg: ml_collections.ConfigDict | None = None,
+               prepare: Callable[[np.ndarray], np.ndarray] = preprocess_images):
     self.cfg = default_config() if cfg is None else cfg
+    self.prepare = prepare
     if int(self.cfg.batch_size) < 1:
       raise ValueError(f"zeroshot batch_size={self.cfg.batch_size} must be "
                        ">= 1.")
@@ -209,8 +217,7 @@ class ZeroShotAnnotator:
     for start in range(0, n, bs):
       images = np.stack([source[i]["image"]
                          for i in range(start, min(start + bs, n))])
-      embs.append(embed_fixed(self.embed_images, params,
-                               preprocess_images(images), bs))
+      embs.append(embed_fixed(self.embed_images, params, self.prepare(images), bs))
     return np.concatenate(embs)
 
   def annotate(self, params, source) -> dict[str, np.ndarray]:
@@ -218,6 +225,43 @@ class ZeroShotAnnotator:
     t = self.temperature_fn(params)
     return infer_attributes(self.image_embeddings(params, source),
                             self.prompt_embeddings(params), t, self.cfg)
+
+
+def is_released(path: str) -> bool:
+  """Whether `path` names a released checkpoint (a big_vision .npz or a Hugging Face folder)
+  rather than a training run's workdir."""
+  import os  # pylint: disable=g-import-not-at-top
+  from siglip_fair.models.released import is_hf_folder  # pylint: disable=g-import-not-at-top
+  return (os.path.isfile(path) and path.endswith(".npz")) or is_hf_folder(path)
+
+
+def load_annotator(cfg, model_config, tokenizer) -> tuple[ZeroShotAnnotator, Any]:
+  """(annotator, params) of the two-tower model in `cfg.checkpoint` (annotate.zeroshot): a
+  training run's workdir, used with the run's `model_config` and `tokenizer` (the training
+  data's), or a released checkpoint (`is_released`), used with its own model config,
+  tokenizer and image preprocessing (models/released.py; an .npz's tokenizer file is
+  `cfg.tokenizer`). Images of any size are resized to the model's."""
+  from siglip_fair.data import preprocess  # pylint: disable=g-import-not-at-top
+  from siglip_fair.models import released  # pylint: disable=g-import-not-at-top
+  from siglip_fair.models.two_tower import embed_fns, make_model, temperature  # pylint: disable=g-import-not-at-top
+  path = cfg.checkpoint
+  if not path:
+    raise ValueError("annotate.image='zeroshot' needs annotate.zeroshot.checkpoint: the workdir "
+                     "of a trained two-tower run (e.g. a baseline run), a big_vision .npz or a "
+                     "Hugging Face folder.")
+  if is_released(path):
+    spec = released.resolve(path, tokenizer=dict(path=cfg.get("tokenizer") or None))
+    tokenizer = released.make_tokenizer(spec)
+    params = released.load_params(spec)
+    model = make_model(ml_collections.ConfigDict(spec.model))
+    image_cfg = spec.preprocess.to_dict()
+    prepare = lambda images: preprocess.images_at(images, image_cfg)  # noqa: E731
+  else:
+    from siglip_fair.train.checkpoint import load_params  # pylint: disable=g-import-not-at-top
+    params, model, prepare = load_params(path), make_model(model_config), preprocess_images
+  embed_images, embed_texts = embed_fns(model)
+  return ZeroShotAnnotator(embed_images, embed_texts, tokenizer, temperature, cfg,
+                           prepare=prepare), params
 
 
 def agreement(image_ann: Mapping[str, np.ndarray],

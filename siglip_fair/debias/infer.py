@@ -10,7 +10,11 @@ The two-tower model is any checkpoint the project can load (`load_two_tower`):
     workdir has no checkpoint and `train_if_missing`, it is trained there first, as a
     model that never saw the target task);
   kind='big_vision': a big_vision SigLIP/CLIP .npz plus its sentencepiece tokenizer (`eos` and
-    `text_padding` as the checkpoint was trained: big_vision's are 'none' and 'none').
+    `text_padding` as the checkpoint was trained: big_vision's are 'none' and 'none'), run at
+    `image_size` (0: the checkpoint's; another needs `resize_posemb`);
+  kind='released': a released big_vision .npz or Hugging Face folder (`path`) with its family's
+    tokenizer rules and image preprocessing (models/released.py; `tokenizer`: an .npz's
+    tokenizer file, `family` to force a preset, `image_size` / `resize_posemb` as above).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import numpy as np
 from siglip_fair.evaluate import metrics, prompts
 from siglip_fair.evaluate.base import embed_fixed, preprocess_images
 
-KINDS = ("run", "big_vision")
+KINDS = ("run", "big_vision", "released")
 
 
 @dataclasses.dataclass
@@ -36,6 +40,9 @@ class TwoTowerHandle:
   params: Any
   tokenizer: Any  # encode(list[str]) -> i32 [P, L]
   image_size: int
+  # uint8 [B, H, W, 3] -> f32 [B, S, S, 3] in [-1, 1] at the model's size (a released model's
+  # preprocessing); None: centre crop and PIL bicubic resize to image_size (_resize).
+  prepare: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
@@ -61,9 +68,10 @@ def image_embeddings(handle: TwoTowerHandle, images: np.ndarray,
   """[N, D] unit embeddings of uint8 images [N, H, W, 3] (resized to the model's size)."""
   out = []
   for lo in range(0, len(images), batch_size):
-    chunk = _resize(images[lo:lo + batch_size], handle.image_size)
-    out.append(embed_fixed(handle.embed_images, handle.params, preprocess_images(chunk),
-                           batch_size))
+    chunk = images[lo:lo + batch_size]
+    chunk = (handle.prepare(chunk) if handle.prepare is not None
+             else preprocess_images(_resize(chunk, handle.image_size)))
+    out.append(embed_fixed(handle.embed_images, handle.params, chunk, batch_size))
   return metrics.l2_normalize(np.concatenate(out))
 
 
@@ -102,19 +110,23 @@ def load_two_tower(cfg: ml_collections.ConfigDict, workdir: str,
         raise FileNotFoundError(f"clip.{key}={cfg.get(key)!r} is not a file; clip.kind="
                                 "'big_vision' needs the checkpoint .npz and its sentencepiece "
                                 "model.")
-    if int(cfg.get("image_size", 0)) < 1:
-      raise ValueError("clip.kind='big_vision' needs clip.image_size (e.g. 224).")
     flat = big_vision.load_npz(cfg.npz)
     try:
       model_cfg = ml_collections.ConfigDict(big_vision.model_config(
           flat, text_padding=cfg.get("text_padding", "none")))
+      # The checkpoint's own resolution unless clip.image_size asks for another, which then
+      # needs its position grid resampled (clip.resize_posemb).
+      size = int(cfg.get("image_size", 0)) or _checkpoint_size(flat, model_cfg)
+      params = big_vision.from_big_vision(flat, image_size=size,
+                                          resize_posemb=bool(cfg.get("resize_posemb", False)))
     except ValueError as e:  # name the file: the message itself only lists keys
       raise ValueError(f"clip.npz={cfg.npz!r}: {e}") from None
     model = make_model(model_cfg)
     tokenizer = Tokenizer(cfg.tokenizer, model_cfg.text.max_len, eos=cfg.get("eos", "none"))
     embed_images, embed_texts = embed_fns(model)
-    return TwoTowerHandle(embed_images, embed_texts, big_vision.from_big_vision(flat), tokenizer,
-                          int(cfg.image_size))
+    return TwoTowerHandle(embed_images, embed_texts, params, tokenizer, size)
+  if cfg.kind == "released":
+    return _load_released(cfg)
   from siglip_fair import study
   from siglip_fair.train import checkpoint
   run_dir = cfg.get("workdir") or os.path.join(workdir, "clip")
@@ -128,3 +140,36 @@ def load_two_tower(cfg: ml_collections.ConfigDict, workdir: str,
   embed_images, embed_texts = embed_fns(make_model(cfg.config.model))
   return TwoTowerHandle(embed_images, embed_texts, checkpoint.load_params(run_dir),
                         data.tokenizer, int(cfg.config.world.image_size))
+
+
+def _checkpoint_size(flat, model_cfg) -> int:
+  """The resolution (px) of a big_vision checkpoint's square position grid."""
+  from siglip_fair.models import big_vision
+  from siglip_fair.models.posemb import square_grid
+  positions = big_vision._strip_params(flat)["img/pos_embedding"].shape[1]  # pylint: disable=protected-access
+  grid = square_grid(positions)
+  if grid is None:
+    raise ValueError(f"img/pos_embedding has {positions} positions, not a square grid; set "
+                     "clip.image_size.")
+  return grid * int(model_cfg.image.variant.split("/")[1])
+
+
+def _load_released(cfg) -> TwoTowerHandle:
+  """clip.kind='released': a big_vision .npz or Hugging Face folder with its preset."""
+  from siglip_fair.data import preprocess
+  from siglip_fair.models import released
+  from siglip_fair.models.two_tower import embed_fns, make_model
+  path = cfg.get("path", "")
+  if not path or not os.path.exists(path):
+    raise FileNotFoundError(f"clip.path={path!r} does not exist; clip.kind='released' needs a "
+                            "big_vision .npz or a Hugging Face folder.")
+  size = int(cfg.get("image_size", 0))
+  spec = released.resolve(path, family=cfg.get("family", ""),
+                          tokenizer=dict(path=cfg.get("tokenizer") or None),
+                          image=dict(size=size or None))
+  params = released.load_params(spec, resize_posemb=bool(cfg.get("resize_posemb", False)))
+  embed_images, embed_texts = embed_fns(make_model(ml_collections.ConfigDict(spec.model)))
+  image_cfg = spec.preprocess.to_dict()
+  return TwoTowerHandle(embed_images, embed_texts, params, released.make_tokenizer(spec),
+                        int(image_cfg["size"]),
+                        prepare=lambda images: preprocess.images_at(images, image_cfg))

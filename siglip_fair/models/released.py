@@ -35,15 +35,24 @@ FAMILIES = tuple(preprocess.PRESETS)
 _GEMMA_VOCAB = 256_000  # SigLIP 2's vocabulary (Gemma's tokenizer); SigLIP's are 32k / 250k
 
 
+def is_hf_folder(path: str) -> bool:
+  """A transformers checkpoint folder: config.json and safetensors weights (a training run's
+  workdir also has a config.json, but checkpoints/ instead)."""
+  return os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")) and any(
+      os.path.exists(os.path.join(path, f))
+      for f in ("model.safetensors", "model.safetensors.index.json"))
+
+
 def detect_source(path: str) -> str:
-  """'big_vision' for an .npz file, 'hf' for a folder with config.json; raises otherwise."""
+  """'big_vision' for an .npz file, 'hf' for a transformers folder; raises otherwise."""
   path = os.fspath(path)
   if os.path.isfile(path) and path.endswith(".npz"):
     return "big_vision"
-  if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+  if is_hf_folder(path):
     return "hf"
   what = ("does not exist" if not os.path.exists(path) else
-          "is a folder without config.json" if os.path.isdir(path) else "is not an .npz file")
+          "is a folder without config.json and model.safetensors" if os.path.isdir(path)
+          else "is not an .npz file")
   raise ValueError(f"released checkpoint {path!r} {what}; pass a big_vision .npz or a Hugging "
                    "Face folder (config.json + model.safetensors).")
 
