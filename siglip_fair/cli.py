@@ -47,11 +47,14 @@ _HELP = {
               "Train a two-tower model (SigLIP or CLIP loss) with periodic evaluation; resumes "
               "automatically from the checkpoints in the workdir (with the same config: a "
               "resume with other settings is refused)."),
-    "eval": ("evaluate a run's latest checkpoint with the run's own config",
+    "eval": ("evaluate a run's latest checkpoint, or a released model (configs/released.py)",
              "Evaluate the latest checkpoint of the run in --workdir with the run's own "
              "config.json (zero-shot, retrieval, RB, AB, gender accuracy). --config.<field> may "
              "change evaluation fields only (evals, eval_data, eval_batch_size, data_dir, mesh). "
-             "Writes eval_step<N>.json beside the run's files, or in --output."),
+             "Writes eval_step<N>.json beside the run's files, or in --output. With --config "
+             "configs/released.py:source=...,path=... it evaluates a released big_vision .npz "
+             "or Hugging Face folder with its own preprocessing on the prepared datasets named "
+             "there and writes eval.json, eval_rows.json and summary.json/md to --workdir."),
     "report": ("plot and tabulate RB, AB and quality of the runs under the workdir",
                "Plot RB, AB and quality against examples seen for every run under the workdir "
                "(or the folders given with --runs) and tabulate their final metrics: writes "
@@ -95,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     if name != "config":
       p.add_argument("--workdir", required=(name != "demo"),
                      default=("workdir/demo" if name == "demo" else None),
-                     help=("the run to evaluate." if name == "eval" else
+                     help=("the run to evaluate (with configs/released.py: the output "
+                           "folder)." if name == "eval" else
                            "output folder; reruns resume from what is already there."))
     if name == "eval":
       p.add_argument("--output", default=None, metavar="DIR",
@@ -166,6 +170,15 @@ def _commands() -> dict[str, Callable]:
   def evaluate(config, workdir, output=None):
     from siglip_fair import run_record
     from siglip_fair.train.progress import eval_summary_line
+    if "released" in config:  # configs/released.py: a released model, no run of ours
+      from siglip_fair import workdir as workdir_lib
+      from siglip_fair.evaluate import released
+      out = output or workdir
+      workdir_lib.check_usable(out)
+      result, path = released.evaluate(config, out)
+      print(eval_summary_line(0, result).replace("eval @ step 0", "eval"))
+      print(f"eval: released model {config.released.path}; wrote {path} and summary.md")
+      return
     checks.check_data(config)
     if output:
       from siglip_fair import workdir as workdir_lib
@@ -235,14 +248,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   args = _parser().parse_args(rest)
   try:
-    if args.command == "eval":
+    given = _resolve_config(args, ()) if args.command == "eval" and args.config else None
+    if given is not None and "released" in given:  # configs/released.py: no run to read
+      config = _resolve_config(args, overrides)
+    elif args.command == "eval":
       from siglip_fair import run_record
       from siglip_fair.train import checkpoint
       if checkpoint.latest_step(args.workdir) is None:
         print(f"siglip-fair eval: error: no complete checkpoint in {args.workdir!r}; train a "
               "model there first (siglip-fair train --workdir ...).", file=sys.stderr)
         return 1
-      given = _resolve_config(args, ()) if args.config else None
       config = run_record.eval_config(args.workdir, overrides, given)
     else:
       config = _resolve_config(args, overrides)
