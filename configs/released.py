@@ -1,7 +1,8 @@
 """Bias and quality of a released model (big_vision .npz or Hugging Face folder) on prepared data.
 
-The `eval` subcommand with ``--config configs/released.py:source=hf,path=CKPT,datasets=fairface+cifar100
---workdir OUT`` writes eval.json, eval_rows.json, summary.json / summary.md and released.json
+The `eval` subcommand with
+``--config configs/released.py:source=hf,path=CKPT,datasets=fairface+cifar100 --workdir OUT``
+writes eval.json, eval_rows.json, summary.json / summary.md and released.json
 (the resolved model, tokenizer and preprocessing) to OUT.
 
 Arguments (``get_config("key=value,...")``):

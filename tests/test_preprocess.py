@@ -7,7 +7,6 @@ SiglipModel / CLIPModel folder with its processor and tokenizer gives the same e
 the same raw pixels and strings through each side's own preprocessing.
 """
 import json
-import os
 
 import jax
 import ml_collections
@@ -318,7 +317,8 @@ def test_big_vision_npz_resolves_to_its_preset(tmp_path, spm_path):
       image=dict(variant="mu/4", pool="map", head="none"),
       text=dict(variant="mu", vocab_size=60, max_len=10, padding="none"), embed_dim=32))
   model = make_model(config)
-  params = model.init(jax.random.key(0), np.zeros((1, 16, 16, 3)), np.zeros((1, 10), np.int32))
+  params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 16, 16, 3)),
+                               np.zeros((1, 10), np.int32))
   path = big_vision.save_npz(tmp_path / "s.npz", params["params"], scan=True)
   with pytest.raises(ValueError, match="carries no tokenizer.*tokenizer.path"):
     released.make_tokenizer(released.resolve(path))

@@ -137,7 +137,8 @@ def test_debias_big_vision_kind_defaults_to_the_checkpoint_resolution(tmp_path):
       image=dict(variant="mu/4", pool="map", head="none"),
       text=dict(variant="mu", vocab_size=60, max_len=8, padding="none"), embed_dim=32))
   model = make_model(model_config)
-  params = model.init(jax.random.key(0), np.zeros((1, 16, 16, 3)), np.zeros((1, 8), np.int32))
+  params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 16, 16, 3)),
+                               np.zeros((1, 8), np.int32))
   npz = big_vision.save_npz(tmp_path / "s.npz", params["params"])
   from siglip_fair.data.tokenizer import train_sentencepiece  # pylint: disable=g-import-not-at-top
   spm = train_sentencepiece(iter(["a photo of a cat", "a red dog"] * 50), 30,
@@ -195,22 +196,24 @@ def test_fine_tuning_starts_from_the_released_weights(clip, tmp_path):
   # At another resolution the position grid is resampled (CLIP's class row kept) when asked.
   config16 = siglip_config.get_config(f"init={folder},res=16")
   assert config16.model.init_resize_posemb
-  params = make_model(config16.model).init(jax.random.key(0), np.zeros((1, 16, 16, 3)),
-                                           np.zeros((1, 12), np.int32))["params"]
+  init16 = jax.jit(make_model(config16.model).init)
+  params = init16(jax.random.key(0), np.zeros((1, 16, 16, 3)), np.zeros((1, 12), np.int32))
+  params = params["params"]
   posemb = want["img"]["pos_embedding"]
   np.testing.assert_array_equal(params["img"]["pos_embedding"][:, :1], posemb[:, :1])
   np.testing.assert_allclose(params["img"]["pos_embedding"][:, 1:],
                              resize_posemb(posemb[:, 1:], (4, 4)), rtol=1e-6)
+  # The checks run when init is traced (eval_shape: nothing is computed).
   config16.model.init_resize_posemb = False
   with pytest.raises(ValueError, match=r"3x3 patch grid.*16 px images need 4x4.*resize_posemb"):
-    make_model(config16.model).init(jax.random.key(0), np.zeros((1, 16, 16, 3)),
-                                    np.zeros((1, 12), np.int32))
+    jax.eval_shape(make_model(config16.model).init, jax.random.key(0),
+                   np.zeros((1, 16, 16, 3)), np.zeros((1, 12), np.int32))
   config.model.image.width = 24  # a config.model that is not the checkpoint's
   config.model.image.num_heads = 2
   with pytest.raises(ValueError, match=r"init_from=.*does not fit config.model.*shapes differ "
                      r".*img/Transformer/encoder_norm/bias: checkpoint \(16,\), model \(24,\)"):
-    make_model(config.model).init(jax.random.key(0), np.zeros((1, 12, 12, 3)),
-                                  np.zeros((1, 12), np.int32))
+    jax.eval_shape(make_model(config.model).init, jax.random.key(0),
+                   np.zeros((1, 12, 12, 3)), np.zeros((1, 12), np.int32))
 
 
 def test_transformers_reference_is_what_the_checkpoint_holds(clip):

@@ -241,9 +241,11 @@ def load_annotator(cfg, model_config, tokenizer) -> tuple[ZeroShotAnnotator, Any
   data's), or a released checkpoint (`is_released`), used with its own model config,
   tokenizer and image preprocessing (models/released.py; an .npz's tokenizer file is
   `cfg.tokenizer`). Images of any size are resized to the model's."""
-  from siglip_fair.data import preprocess  # pylint: disable=g-import-not-at-top
-  from siglip_fair.models import released  # pylint: disable=g-import-not-at-top
-  from siglip_fair.models.two_tower import embed_fns, make_model, temperature  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from siglip_fair.data import preprocess
+  from siglip_fair.models import released
+  from siglip_fair.models.two_tower import embed_fns, make_model, temperature
+  # pylint: enable=g-import-not-at-top
   path = cfg.checkpoint
   if not path:
     raise ValueError("annotate.image='zeroshot' needs annotate.zeroshot.checkpoint: the workdir "

@@ -116,7 +116,7 @@ def load_two_tower(cfg: ml_collections.ConfigDict, workdir: str,
           flat, text_padding=cfg.get("text_padding", "none")))
       # The checkpoint's own resolution unless clip.image_size asks for another, which then
       # needs its position grid resampled (clip.resize_posemb).
-      size = int(cfg.get("image_size", 0)) or _checkpoint_size(flat, model_cfg)
+      size = int(cfg.get("image_size", 0)) or _checkpoint_size(flat)
       params = big_vision.from_big_vision(flat, image_size=size,
                                           resize_posemb=bool(cfg.get("resize_posemb", False)))
     except ValueError as e:  # name the file: the message itself only lists keys
@@ -142,16 +142,14 @@ def load_two_tower(cfg: ml_collections.ConfigDict, workdir: str,
                         data.tokenizer, int(cfg.config.world.image_size))
 
 
-def _checkpoint_size(flat, model_cfg) -> int:
+def _checkpoint_size(flat) -> int:
   """The resolution (px) of a big_vision checkpoint's square position grid."""
   from siglip_fair.models import big_vision
-  from siglip_fair.models.posemb import square_grid
-  positions = big_vision._strip_params(flat)["img/pos_embedding"].shape[1]  # pylint: disable=protected-access
-  grid = square_grid(positions)
-  if grid is None:
-    raise ValueError(f"img/pos_embedding has {positions} positions, not a square grid; set "
-                     "clip.image_size.")
-  return grid * int(model_cfg.image.variant.split("/")[1])
+  size = big_vision.image_size(flat)
+  if size is None:
+    raise ValueError("the checkpoint has no square learnt position grid to read its "
+                     "resolution from; set clip.image_size.")
+  return size
 
 
 def _load_released(cfg) -> TwoTowerHandle:

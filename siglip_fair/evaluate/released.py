@@ -115,10 +115,12 @@ def evaluate(config, workdir: str) -> tuple[dict, str]:
   """Evaluates `config.released` on `config.eval_data` with `config.evals`; writes
   eval.json, eval_rows.json, summary.json / summary.md and released.json (the resolved model,
   tokenizer and preprocessing) to `workdir`. Returns (metrics, path of eval.json)."""
-  from siglip_fair.evaluate import evaluators as ev  # pylint: disable=g-import-not-at-top
-  from siglip_fair.models.two_tower import embed_fns, temperature  # pylint: disable=g-import-not-at-top
-  from siglip_fair.report.summary import write_summary  # pylint: disable=g-import-not-at-top
-  from siglip_fair.train.sharding import make_mesh  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from siglip_fair.evaluate import evaluators as ev
+  from siglip_fair.models.two_tower import embed_fns, temperature
+  from siglip_fair.report.summary import write_summary
+  from siglip_fair.train.sharding import make_mesh
+  # pylint: enable=g-import-not-at-top
   if not config.get("evals"):
     raise ValueError("config.evals is empty: name the prepared datasets to evaluate on, e.g. "
                      "configs/released.py:...,datasets=fairface+cifar100.")

@@ -244,6 +244,16 @@ def _posemb_at(flat, image_size, resize: bool, method: str) -> np.ndarray:
   return resize_posemb(posemb, grid, method)
 
 
+def image_size(flat: Mapping[str, np.ndarray]) -> int | None:
+  """The resolution (px, square) of a checkpoint's learnt position grid: grid side x patch;
+  None without a learnt table or for a grid that is not square."""
+  flat = _strip_params(flat)
+  if "img/pos_embedding" not in flat:
+    return None
+  grid = square_grid(flat["img/pos_embedding"].shape[1])
+  return None if grid is None else grid * int(flat["img/embedding/kernel"].shape[0])
+
+
 def check_tokenizer(flat: Mapping[str, np.ndarray], vocab_size: int,
                     max_len: int | None = None) -> None:
   """Raises if a tokenizer with `vocab_size` pieces (and rows of `max_len` tokens) cannot feed

@@ -77,9 +77,11 @@ def _read_json(path: str) -> dict | None:
     return json.load(f)
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)
 def _npz(path: str, mtime: float) -> dict[str, np.ndarray]:
-  del mtime  # part of the cache key only: a rewritten file is read again
+  # resolve, load_params and a model's init (traced twice) read the same file in a row; one
+  # file is kept. mtime is part of the key only: a rewritten file is read again.
+  del mtime
   return big_vision.load_npz(path)
 
 
@@ -115,8 +117,7 @@ def resolve(path: str, *, source: str = "", family: str = "", tokenizer=None, im
   if source == "big_vision":
     flat = _load_npz(path)
     model = big_vision.model_config(flat, scan=scan)
-    grid = square_grid(big_vision._strip_params(flat)["img/pos_embedding"].shape[1])  # pylint: disable=protected-access
-    image_size = (grid or 0) * int(model["image"]["variant"].split("/")[1])
+    image_size = big_vision.image_size(flat) or 0
     found = "siglip2" if model["text"]["vocab_size"] == _GEMMA_VOCAB else "siglip"
     processor = None
   else:
@@ -171,12 +172,12 @@ def check_tokenizer(spec, tokenizer) -> None:
 def make_tokenizer(spec):
   """The checkpoint's tokenizer under its preset (spec from `resolve`), checked against the
   text tower (check_tokenizer)."""
-  from siglip_fair.data.tokenizer import make_tokenizer as make  # pylint: disable=g-import-not-at-top
+  from siglip_fair.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   if not spec.tokenizer.path:
     raise ValueError(f"{spec.released.path!r} carries no tokenizer (big_vision .npz files never "
                      "do); set tokenizer.path to the sentencepiece model it was trained with "
                      "(SigLIP: c4_en / mc4, SigLIP 2: gemma) or a tokenizer.json.")
-  tokenizer = make(spec.tokenizer)
+  tokenizer = tokenizer_lib.make_tokenizer(spec.tokenizer)
   check_tokenizer(spec, tokenizer)
   return tokenizer
 

@@ -68,7 +68,8 @@ class TwoTower(nn.Module):
   text_head: str = ""
   head_bias: bool = True  # the final Dense of 'linear' / 'mlp' heads (CLIP's have none)
   # `init` returns this checkpoint's parameters (a big_vision .npz or Hugging Face folder)
-  # instead of random ones: training then fine-tunes it. '' = random initialisation.
+  # instead of random ones: training then fine-tunes it. '' = random initialisation. The file
+  # is read whenever init is traced (a resume's shape check too), so it must stay readable.
   init_from: str = ""
   init_resize_posemb: bool = False  # resample its position grid when the images need another
 
