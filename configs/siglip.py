@@ -66,6 +66,11 @@ def get_config(arg=None, **defaults):
   # (train/chunked_losses.py), for big batches on one accelerator.
   c.loss_impl = "full"
   c.loss_chunk = 1024
+  # Gradient accumulation (train/accumulate.py): the global batch in accum_steps micro-batches,
+  # one update. 'cached' (open_clip's --accum-freq) gives the whole batch's contrastive gradient
+  # for one more forward pass; 'micro' trains on each micro-batch's own negatives.
+  c.accum_steps = 1
+  c.accum_mode = "cached"
   c.batch_size = arg.batch
   c.total = str(arg.steps)
   c.warmup = "5%"

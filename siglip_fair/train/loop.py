@@ -7,7 +7,11 @@ optim, mesh (default {'data': -1}), sharding_rules (default replicate all), prog
 default True; the bar only shows when stderr is a terminal), tensorboard (bool, default True:
 summaries in <workdir>/tensorboard), peak_flops (per-device FLOP/s for MFU when the device is
 not in `flops.PEAK_FLOPS`), nonfinite ('stop' | 'skip', default 'stop': what a step whose
-loss, gradients or updated parameters are NaN/Inf does; see below).
+loss, gradients or updated parameters are NaN/Inf does; see below), ema_decay (default 0 =
+off; > 0 also keeps a moving average of the parameters, which `evaluate_fn`, `eval_params` of
+the returned state and `checkpoint.load_params` use; see `state.make_train_step`), accum_steps
+(default 1) and accum_mode ('cached' | 'micro', default 'cached'): gradient accumulation over
+micro-batches of the global batch (`accumulate`).
 
 Non-finite steps. Every step computes a finite flag on the device; the loop reads the flags of
 the steps since its last look (no per-step host sync) before it logs, evaluates or saves, so no
@@ -42,6 +46,7 @@ memory (`memory.oom_message`).
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 from typing import Callable
@@ -61,8 +66,8 @@ from siglip_fair.train.progress import (MetricWriter, TensorBoardWriter, eval_su
                                         progress_bar, progress_line, start_line)
 from siglip_fair.train.signals import (Preempted, sigterm_flag,  # noqa: F401  (re-exported)
                                        sigterm_raises)
-from siglip_fair.train.sharding import (DEFAULT_RULES, batch_sharding, global_batch, make_mesh,
-                                        state_shardings)
+from siglip_fair.train.sharding import (DEFAULT_RULES, batch_axes, batch_sharding,
+                                        global_batch, make_mesh, state_shardings)
 from siglip_fair.train.state import TrainState, eval_params, make_init_fn, make_train_step
 
 # Batch fields the step consumes, with the dtype they are fed as; other fields are not sent.
@@ -229,6 +234,12 @@ def _train(config, workdir, stop, train_iter, evaluate_fn, num_examples, stop_af
     return state
 
   bsharding = batch_sharding(mesh)
+  accum_steps = int(config.get("accum_steps", 1))
+  shards = math.prod(mesh.shape[a] for a in batch_axes(mesh))
+  if accum_steps < 1 or config.batch_size % (accum_steps * shards):
+    raise ValueError(f"config.accum_steps={accum_steps} must be >= 1 and split each of the "
+                     f"{shards} batch shards' {config.batch_size // shards} rows evenly "
+                     f"(config.batch_size={config.batch_size}).")
   abstract_batch = {
       k: jax.ShapeDtypeStruct((config.batch_size, *v.shape[1:]), v.dtype, sharding=bsharding)
       for k, v in example.items()}
@@ -237,7 +248,8 @@ def _train(config, workdir, stop, train_iter, evaluate_fn, num_examples, stop_af
                             state_sharding=shardings, batch_sharding=bsharding,
                             loss_impl=config.get("loss_impl", "full"),
                             loss_chunk=config.get("loss_chunk", 1024), nonfinite=policy,
-                            ema_decay=ema_decay)
+                            ema_decay=ema_decay, accum_steps=accum_steps,
+                            accum_mode=config.get("accum_mode", "cached"))
   # Compiled ahead of time, once: a batch or state with any other shape, dtype or sharding
   # raises instead of silently recompiling.
   with memory.oom_hint("compiling the train step", config):

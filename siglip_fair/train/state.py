@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from siglip_fair.train import chunked_losses, ring_losses
+from siglip_fair.train import accumulate, chunked_losses, ring_losses
 from siglip_fair.train.losses import LOSS_NAMES, contrastive_loss
 
 
@@ -93,7 +93,8 @@ NONFINITE_POLICIES = ("stop", "skip")
 def make_train_step(model, tx: optax.GradientTransformation, loss_name: str, *,
                     schedule: Callable, state_sharding, batch_sharding,
                     loss_impl: str = "full", loss_chunk: int = 1024,
-                    nonfinite: str = "stop", ema_decay: float = 0.0) -> Callable:
+                    nonfinite: str = "stop", ema_decay: float = 0.0, accum_steps: int = 1,
+                    accum_mode: str = "cached") -> Callable:
   """Jitted `step(state, batch) -> (state, metrics)`; the input state's buffers are donated.
 
   loss_impl: 'full' (the [B, B] logits under jit), 'ring' (`ring_losses`: text blocks passed
@@ -112,6 +113,10 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_name: str, *,
   bit for bit (the step counter still advances, so the batch is consumed). Both are one
   compiled function with the same output shapes: the choice is a select on a scalar flag.
 
+  accum_steps > 1: the gradient is accumulated over that many micro-batches of the global batch
+  (`accumulate.loss_and_grads`; accum_mode 'cached' gives the large batch's gradient exactly,
+  'micro' each micro-batch's own contrastive loss), then one update is applied.
+
   ema_decay > 0 (the state must hold `ema_params`): after each applied update,
   ema <- d * ema + (1 - d) * params with d = `ema_decay_at(ema_decay, updates applied)`; a
   skipped step leaves the average as it was.
@@ -119,6 +124,13 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_name: str, *,
   if not 0.0 <= ema_decay < 1.0:
     raise ValueError(f"config.ema_decay={ema_decay!r}; use 0 (off) or a value in (0, 1), "
                      "e.g. 0.99.")
+  if accum_steps < 1 or accum_mode not in accumulate.ACCUM_MODES:
+    raise ValueError(f"config.accum_steps={accum_steps!r}, accum_mode={accum_mode!r}; use "
+                     f"steps >= 1 and a mode of {accumulate.ACCUM_MODES}.")
+  micro_sharding = jax.sharding.NamedSharding(
+      batch_sharding.mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
+  constrain = lambda tree: jax.tree.map(  # noqa: E731
+      lambda x: jax.lax.with_sharding_constraint(x, micro_sharding), tree)
   if nonfinite not in NONFINITE_POLICIES:
     raise ValueError(f"config.nonfinite={nonfinite!r}; use one of {NONFINITE_POLICIES}.")
   if loss_name not in LOSS_NAMES:
@@ -141,13 +153,12 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_name: str, *,
     # A pure function of (rng, step): a resumed run draws the same dropout masks.
     dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
-    def loss_fn(params):
-      zimg, ztxt, extras = model.apply({"params": params}, batch["image"], batch["text"],
-                                       train=True, rngs={"dropout": dropout_key})
-      loss, metrics = compute_loss(zimg, ztxt, extras, batch.get("weight"))
-      return loss, (metrics, extras)
+    def apply_fn(params, image, text, key):
+      return model.apply({"params": params}, image, text, train=True, rngs={"dropout": key})
 
-    (loss, (metrics, extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    loss, metrics, extras, grads = accumulate.loss_and_grads(
+        apply_fn, compute_loss, state.params, batch, dropout_key, steps=accum_steps,
+        mode=accum_mode, constrain=constrain)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
