@@ -21,10 +21,10 @@ import re
 import zipfile
 from collections.abc import Mapping
 
-import jax
 import numpy as np
 
 from siglip_fair.io import atomic_savez
+from siglip_fair.models import trees
 from siglip_fair.models.posemb import resize_posemb, square_grid
 from siglip_fair.models.variants import SIZES
 
@@ -48,14 +48,7 @@ _TOWER_NAMES = {"img": "image", "txt": "text"}
 _BLOCK_RE = re.compile(r"^(img/Transformer|txt/Encoder_0)/encoderblock_(\d+)/")
 
 
-def _flatten(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(_flatten(value, f"{prefix}{key}/"))
-    else:
-      out[f"{prefix}{key}"] = np.asarray(jax.device_get(value))
-  return out
+_flatten = trees.flatten_to_host
 
 
 def _strip_params(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -381,26 +374,4 @@ def check_params(config, params, image_size: int | tuple[int, int]) -> None:
   an image head for a released SigLIP file, which has none."""
   from siglip_fair.models.two_tower import make_model  # pylint: disable=g-import-not-at-top
   h, w = (image_size, image_size) if np.isscalar(image_size) else tuple(image_size)
-  model = make_model(config)
-  tokens = np.zeros((1, model.txt.max_len), np.int32)
-  want = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, h, w, 3), np.float32),
-                        tokens)["params"]
-  want = {_bv_name(k): tuple(v.shape) for k, v in _flatten_shapes(want).items()}
-  have = {_bv_name(k): np.shape(v) for k, v in _flatten(params).items()}
-  missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-  shapes = sorted(f"{k}: checkpoint {have[k]}, model {want[k]}" for k in set(want) & set(have)
-                  if have[k] != want[k])
-  if missing or extra or shapes:
-    raise ValueError(f"the checkpoint does not fit config.model at {h}x{w} px: the model has "
-                     f"keys the checkpoint lacks {missing[:12]}, the checkpoint has keys the "
-                     f"model lacks {extra[:12]}, shapes differ {shapes[:12]}.")
-
-
-def _flatten_shapes(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(_flatten_shapes(value, f"{prefix}{key}/"))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
+  trees.check_fit(make_model(config), params, (h, w), what="the checkpoint", name=_bv_name)

@@ -40,6 +40,7 @@ import numpy as np
 from safetensors.numpy import load_file, save
 
 from siglip_fair.io import atomic_write
+from siglip_fair.models import trees
 from siglip_fair.models.two_tower import make_model
 from siglip_fair.models.variants import size_name
 
@@ -461,14 +462,7 @@ def _nest(flat: Mapping[str, np.ndarray]) -> dict:
   return params
 
 
-def _flatten(tree, prefix="") -> dict[str, np.ndarray]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(_flatten(value, f"{prefix}{key}/"))
-    else:
-      out[f"{prefix}{key}"] = np.asarray(jax.device_get(value))
-  return out
+_flatten = trees.flatten_to_host
 
 
 def _stack(params: dict, towers) -> dict:
@@ -502,28 +496,7 @@ def _unstack(params: Mapping) -> dict:
 def _check_shapes(model, params, image_size: int) -> None:
   """Raises, naming our keys, unless `params` have exactly `model`'s tree and shapes at
   `image_size` px."""
-  tokens = np.zeros((1, model.txt.max_len), np.int32)
-  images = np.zeros((1, image_size, image_size, 3), np.float32)
-  want = {k: tuple(v.shape) for k, v in _flatten_shapes(
-      jax.eval_shape(model.init, jax.random.key(0), images, tokens)["params"]).items()}
-  have = {k: np.shape(v) for k, v in _flatten(params).items()}
-  missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-  shapes = sorted(f"{k}: params {have[k]}, model {want[k]}" for k in set(want) & set(have)
-                  if have[k] != want[k])
-  if missing or extra or shapes:
-    raise ValueError(f"the params do not fit config.model at {image_size} px: the model has "
-                     f"keys the params lack {missing[:12]}, the params have keys the model "
-                     f"lacks {extra[:12]}, shapes differ {shapes[:12]}.")
-
-
-def _flatten_shapes(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(_flatten_shapes(value, f"{prefix}{key}/"))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
+  trees.check_fit(model, params, (image_size, image_size), what="the params")
 
 
 def from_hf(tensors: Mapping[str, np.ndarray], config: Mapping, *, scan=False) -> dict:

@@ -19,14 +19,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Mapping
-from typing import Any
 
 import ml_collections
 import numpy as np
 
 from siglip_fair.data import preprocess
-from siglip_fair.models import big_vision, hf
+from siglip_fair.models import big_vision, hf, trees
 from siglip_fair.models import posemb as posemb_lib
 from siglip_fair.models.posemb import square_grid
 
@@ -215,14 +213,7 @@ def load_params(spec, *, image_size: int | None = None, resize_posemb: bool = Fa
   return params
 
 
-def _flat(tree, prefix="") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(_flat(value, f"{prefix}{key}/"))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
+_flat = trees.flatten
 
 
 def init_params(path: str, template, *, image_size: int, resize_posemb: bool = False) -> dict:
