@@ -55,6 +55,11 @@ def get_config(arg=None):
       f"embed={s['embed']},res={s['res']},steps={s['steps']},batch={s['batch']},"
       f"loss={a.loss},seed={a.seed}")
   c.data_version = data_version(a.data, a.switch)
+  # No moving average of the weights here, unlike the demo: at 900 steps ema_decay=0.999 averages
+  # over about the last 90 steps, the whole fine-tuning window of the 90 % switch, so the
+  # evaluated model of that cell would be half the pre-switch one. With it the sweep read F4's RB
+  # recovery as 5 % instead of 12 % (docs/NOISE.md, "a moving average of the weights").
+  c.ema_decay = 0.0
   if a.examples:
     c.total = a.examples
   if a.scale == "gpu":
