@@ -98,10 +98,11 @@ def get_config(arg=None, **defaults):
   # pre_norm, patch_bias=False; text.causal, pool='eos', eos_id, padding='none'; act
   # 'quick_gelu', norm_eps 1e-5, head_bias=False. image.pixel_mean / pixel_std: the pixel
   # normalisation the model applies to its [-1, 1] images (() = none; CLIP's mean / std).
-  tower = dict(head="", scan=False, act="gelu", norm_eps=1e-6)
+  tower = dict(head="", scan=False, act="gelu", norm_eps=1e-6, remat="none")
   c.model = ml_collections.ConfigDict(dict(
       # head='' uses model.head; scan=True runs the blocks under nn.scan with big_vision's
-      # stacked parameter layout (same numbers, one compiled block).
+      # stacked parameter layout (same numbers, one compiled block). remat: 'none' | 'full'
+      # (recompute each block in the backward pass) | 'dots' (keep its matmul outputs).
       image=dict(variant=arg.variant, pool="gap", posemb="learn", cls_posemb=False,
                  pre_norm=False, patch_bias=True, pixel_mean=(), pixel_std=(), **tower,
                  **overrides),

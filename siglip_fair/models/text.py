@@ -47,6 +47,7 @@ class TextTransformer(nn.Module):
   eos_id: int | None = None  # pool='eos': the end-of-text id (None: the highest id of the row)
   act: str = "gelu"  # MLP activation, a key of vit.ACTIVATIONS
   norm_eps: float = NORM_EPS  # every LayerNorm's epsilon
+  remat: str = "none"  # per-block rematerialisation (vit.REMAT_POLICIES)
 
   @nn.compact
   def __call__(self, text, *, train: bool = False):
@@ -77,7 +78,7 @@ class TextTransformer(nn.Module):
       causal = jnp.tril(jnp.ones((length, length), bool))[None, None]  # [1, 1, L(q), L(k)]
       mask = causal if keys is None else keys & causal
     x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout, self.dtype, self.scan,
-                self.act, self.norm_eps, name="Encoder_0")(x, mask, train=train)
+                self.act, self.norm_eps, self.remat, name="Encoder_0")(x, mask, train=train)
     if self.pool == "eos":
       # argmax returns the first maximum: the first EOS (or, with eos_id=None, the first token
       # of the row's highest id), as torch's argmax in Hugging Face's CLIPTextModel.

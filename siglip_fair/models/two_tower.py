@@ -37,7 +37,7 @@ import numpy as np
 
 from siglip_fair.models.text import TextTransformer
 from siglip_fair.models.variants import OVERRIDABLE, decode_variant
-from siglip_fair.models.vit import ACTIVATIONS, NORM_EPS, ViT
+from siglip_fair.models.vit import ACTIVATIONS, NORM_EPS, REMAT_POLICIES, ViT
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 HEADS = ("linear", "mlp", "none")
@@ -193,14 +193,19 @@ def make_model(config) -> TwoTower:
 
 
 def _block_options(tower_cfg, name: str) -> dict:
-  """The transformer-block options of a tower config: MLP activation and LayerNorm epsilon."""
+  """The transformer-block options of a tower config: MLP activation, LayerNorm epsilon and
+  rematerialisation."""
   act = tower_cfg.get("act", "gelu")
   if act not in ACTIVATIONS:
     raise ValueError(f"config.model.{name}.act={act!r}; use one of {tuple(ACTIVATIONS)}.")
   norm_eps = float(tower_cfg.get("norm_eps", NORM_EPS))
   if not norm_eps > 0:
     raise ValueError(f"config.model.{name}.norm_eps={norm_eps} must be > 0.")
-  return dict(act=act, norm_eps=norm_eps)
+  remat = tower_cfg.get("remat", "none")
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"config.model.{name}.remat={remat!r}; use one of "
+                     f"{tuple(REMAT_POLICIES)}.")
+  return dict(act=act, norm_eps=norm_eps, remat=remat)
 
 
 def check_config(config, image_size: int) -> TwoTower:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -87,6 +88,22 @@ class _ScannedBlock(Encoder1DBlock):
     return Encoder1DBlock.__call__(self, x, mask, train=train), None
 
 
+class _PositionalBlock(Encoder1DBlock):
+  """An `Encoder1DBlock` with `train` positional, so that `nn.remat` can hold it static."""
+
+  def __call__(self, x, mask, train):  # pylint: disable=arguments-differ
+    return Encoder1DBlock.__call__(self, x, mask, train=train)
+
+
+# model.<tower>.remat: which activations of a block the backward pass keeps; the rest it
+# recomputes (activation memory for compute). 'full' keeps only each block's input, 'dots' also
+# the outputs of its matrix multiplications.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+# Index of `train` in the blocks' (self, x, mask, train) calls, for nn.remat.
+_TRAIN_ARG = 3
+
+
 class Encoder(nn.Module):
   """`depth` transformer blocks and a final LayerNorm: [B, L, D] -> [B, L, D].
 
@@ -102,15 +119,28 @@ class Encoder(nn.Module):
   scan: bool = False
   act: str = "gelu"
   norm_eps: float = NORM_EPS
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool = False):
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r}; use one of {tuple(REMAT_POLICIES)}.")
     block = (self.mlp_dim, self.num_heads, self.dropout, self.dtype, self.act, self.norm_eps)
+    remat = self.remat != "none"
     if self.scan:
-      blocks = nn.scan(_ScannedBlock, variable_axes={"params": 0},
+      cls = _ScannedBlock
+      if remat:  # prevent_cse=False: scan already keeps XLA from merging the recomputation
+        cls = nn.remat(cls, policy=REMAT_POLICIES[self.remat], prevent_cse=False,
+                       static_argnums=(_TRAIN_ARG,))
+      blocks = nn.scan(cls, variable_axes={"params": 0},
                        split_rngs={"params": True, "dropout": True},
                        in_axes=(nn.broadcast, nn.broadcast), length=self.depth)
       x, _ = blocks(*block, name="encoderblock")(x, mask, train)
+    elif remat:
+      cls = nn.remat(_PositionalBlock, policy=REMAT_POLICIES[self.remat],
+                     static_argnums=(_TRAIN_ARG,))
+      for i in range(self.depth):
+        x = cls(*block, name=f"encoderblock_{i}")(x, mask, train)
     else:
       for i in range(self.depth):
         x = Encoder1DBlock(*block, name=f"encoderblock_{i}")(x, mask, train=train)
@@ -170,6 +200,7 @@ class ViT(nn.Module):
   scan: bool = False
   act: str = "gelu"  # MLP activation, a key of ACTIVATIONS
   norm_eps: float = NORM_EPS  # every LayerNorm's epsilon
+  remat: str = "none"  # per-block rematerialisation: REMAT_POLICIES
   # The class token (pool='tok') is added before the learnt position embedding, which then has
   # N + 1 rows, row 0 the class token's (CLIP); False: the token has no position (big_vision).
   cls_posemb: bool = False
@@ -225,7 +256,7 @@ class ViT(nn.Module):
       x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="pre_norm")(x)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.dropout, self.dtype, self.scan,
-                self.act, self.norm_eps, name="Transformer")(x, train=train)
+                self.act, self.norm_eps, self.remat, name="Transformer")(x, train=train)
     if self.pool == "gap":
       pooled = jnp.mean(x, axis=1)
     elif self.pool == "map":
