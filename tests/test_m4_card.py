@@ -95,3 +95,28 @@ def test_wrong_number_of_names_is_a_clear_error():
     cardlib.data_card(ann, q, keep, pi=pi, eps=eps, duals=duals, config=cfg,
                       info=dict(stochastic_steps=1, refine_steps=0, curvature=1.0),
                       names=dict(labels=["a"]))
+
+
+def test_kkt_residual_is_each_constraints_optimality_condition():
+  cap, eps = 10.0, np.full(6, 0.01)
+  lam = np.array([0.0, 0.0, 3.0, -2.0, 10.0, -10.0])
+  moments = np.array([0.004, -0.03, 0.0105, -0.0097, 0.05, 0.008])
+  r = cardlib.kkt_residual(lam, moments, budget_gap=2e-6, eps=eps, cap=cap, mu=0.0)
+  # slack (λ = 0): excess over ε; active: |sign·m − ε|; capped: shortfall of sign·m below ε.
+  np.testing.assert_allclose(r, [0.0, 0.02, 5e-4, 3e-4, 0.0, 0.018, 2e-6], atol=1e-12)
+  # The budget counts beyond float32's resolution of µ only.
+  assert cardlib.kkt_residual(lam, moments, 2e-6, eps, cap, mu=100.0)[-1] == 0.0
+
+
+def test_binding_are_capped_violated_or_beyond_tol_with_relax_to():
+  ann, pi, q, keep, duals, eps, cfg, _ = _setup()
+  cfg.V = 1.5  # some of the random duals (|N(0, 1)|) exceed it: make those capped
+  duals = dict(duals, v={k: np.minimum(v, 1.5) for k, v in duals["v"].items()})
+  card = cardlib.data_card(ann, q, keep, pi=pi, eps=eps, duals=duals, config=cfg,
+                           info=dict(stochastic_steps=1, refine_steps=0, curvature=1.0))
+  want = [c["name"] for c in sorted(card["constraints"], key=lambda c: -c["residual"])
+          if (c["at_cap"] and c["residual"] > 0) or c["residual"] > cfg.tol]
+  assert card["binding"][:len(want)] == want and len(want) > 0
+  for r in card["relax"]:
+    assert r["relax_to"] == pytest.approx(abs(r["moment"])) and r["violation"] > 0
+  assert {r["name"] for r in card["relax"]} == set(want)

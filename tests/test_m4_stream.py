@@ -68,7 +68,7 @@ def test_sampled_solve_with_polish_matches_exact_qp():
   for block in ("rep", "assoc", "proxy"):
     assert np.all(np.abs(moments[block]) <= exact["eps"][block] + 1e-3), block
   assert abs(result.q.mean() - cfg.eta) <= 1e-3
-  assert result.card["dual_steps"]["polish"] == 40
+  assert 0 < result.card["dual_steps"]["polish"] <= 40  # a cap: it stops at the criterion
   # Without the polish, the sample's duals alone cost objective (that is why it runs).
   cfg.optim.polish_steps = 0
   raw = stream.balance_stream(ann, cfg, jax.random.key(0))

@@ -14,9 +14,17 @@ The dual is maximised in two phases (dual.py, data-parallel over a device mesh),
 functions of (duals, mini-batch):
   1. projected stochastic ascent, SPEC's update, over shuffled fixed-size padded mini-batches
      (`dual.dual_step` under `lax.scan`), with a 1/t step and tail averaging;
-  2. refinement: accelerated (FISTA) proximal ascent on exact full-data gradients, each step one
-     sequential pass (`dual.refine`). On N ≤ 20k the stochastic phase alone gets within 1–2 % of
-     the optimal objective; 100 exact steps then match the exact QP to ~1e-6.
+  2. the exact phase (`dual.converge`): accelerated (FISTA) proximal ascent on exact full-data
+     gradients, each step one pass, run until a stated criterion holds: the KKT residual
+     (every constraint's optimality condition, in moment units, `card.kkt_residual`) at most
+     optim.kkt_tol = 1e-7, or stalled below optim.kkt_stall = 1e-5 (float32's floor); at most
+     optim.refine_steps steps; the card reports `converged`, the residual and a gap. It climbs
+     a ladder of caps 1, 10, ..., V: past the cap where the set of violated constraints
+     settles the solution is affine in V, so each rung starts where the last one's tangent
+     (`dual.tangent`, from the dual's curvature `dual.hessian`) points, and the climb stops
+     once q no longer moves with the cap, where float32 still resolves q (duals of 10³ would
+     round it at ~10⁻⁴); the prices at V follow by extrapolation. A cold start at V = 10³ had
+     to climb there in steps of the natural dual scale and stopped short of the cap.
 Steps are Jacobi-scaled (coordinate j moves by lr / E[a_j²]) and then by 1 / L, where L is the
 largest eigenvalue of the scaled Gram matrix E[ã ãᵀ], ã = [1; b], an upper bound on the dual
 curvature found by power iteration (`dual.curvature`). A last pass sets µ by bisection so
@@ -29,8 +37,9 @@ lower: −b ≤ ε).
 The cap V on the duals makes the constraints soft: it is the "enforcement level", the largest
 price (objective increase per unit of moment violation) M4 pays to satisfy a constraint. For V
 above every optimal dual of a feasible problem the solution is the hard-constrained one; on
-infeasible targets the violated constraints' duals climb towards V and the card's verdict
-names them.
+infeasible targets M4 solves min E[½(q − η)² − u·q] + V·Σ_j max(0, |E[q·b_j]| − ε_j) exactly
+(qp.solve_qp(soft=True) is its reference): the violated constraints' duals sit at ±V and the
+card names them as binding, with the relaxation that makes the targets feasible.
 """
 from __future__ import annotations
 
@@ -74,15 +83,32 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.lr = 1.0            # stochastic step in units of 1 / L (Jacobi-scaled), ...
   c.optim.decay_steps = 100   # ... decayed as lr / (1 + t / decay_steps).
   c.optim.average_from = 0.5  # average the stochastic iterates over the last half.
-  c.optim.refine_steps = 100  # exact full-data accelerated steps (each one pass); 0: none.
+  # The exact phase (dual.converge): FISTA on exact full-data gradients (each step one pass)
+  # until the KKT residual (card.kkt_residual: how far each constraint is from its optimality
+  # condition, in moment units, and |E[q] − η|) is at most kkt_tol, checked every check_every
+  # steps, at most refine_steps steps. A residual that stops improving (8 checks in a row gain
+  # under 10 %) below kkt_stall has met float32's floor (q rounds at ~2⁻²⁴·|µ| per example,
+  # and µ reaches ~10³ with duals at the cap): that converges too. The card says whether it
+  # `converged`. The caps ladder_start, × ladder_factor, ..., V are solved in turn
+  # (dual.ladder; ladder_start 0: V alone), each from the last one's solution moved along the
+  # solution path; the climb stops once two rungs agree on every constraint's status and on q
+  # to settle_tol (then q is the same at V, dual.converge).
+  c.optim.refine_steps = 3000
+  c.optim.kkt_tol = 1e-7
+  c.optim.kkt_stall = 1e-5
+  c.optim.check_every = 25
+  c.optim.ladder_start = 1.0
+  c.optim.ladder_factor = 10.0
+  c.optim.settle_tol = 1e-5
   c.optim.power_iters = 30    # power iterations for the curvature L.
   # Scale (balance/stream.py): the dual is solved on a uniform sample of sample_size rows, then
-  # polished by polish_steps exact steps on a uniform sample of polish_size rows that contains
-  # it (all rows when N is smaller: then the polish is exact; for N <= sample_size the solve
-  # is). q, the budget and the card are exact passes over all rows in chunks of chunk_size.
+  # polished by the exact phase again (at most polish_steps steps, same criterion) on a uniform
+  # sample of polish_size rows that contains it (all rows when N is smaller: then the polish is
+  # exact; for N <= sample_size the solve is). q, the budget and the card are exact passes over
+  # all rows in chunks of chunk_size.
   c.optim.sample_size = 1 << 16
   c.optim.polish_size = 1 << 19
-  c.optim.polish_steps = 20
+  c.optim.polish_steps = 1000
   c.optim.chunk_size = 1 << 14
   # Exact phases (refinement, polish) run on distinct rows weighted by their counts (merge.py):
   # the same sums, far fewer rows for binary annotations.
@@ -159,9 +185,11 @@ def bias_vectors(s, known, y, w, pi) -> dict:
 
 def b_dot(lam: dict, d, y, w):
   """bᵀλ per example without forming b: [B]. lam: constraint tree; d [B, m]."""
-  # [B, c] @ [c, m] first: the [B, c] product d @ λ would cost a pass over a [B, c] temporary.
-  return (d @ lam["rep"] + jnp.sum(d * (y @ lam["assoc"].T), axis=-1)
-          + jnp.sum(d * (w @ lam["proxy"].T), axis=-1))
+  # Σ_k d_k (λ_rep_k + Σ_r y_r λ_assoc_kr + Σ_j w_j λ_proxy_kj): the duals are summed per
+  # group before meeting d, so capped duals of opposite signs (±V) cancel exactly instead of
+  # leaving two float32 roundings of V·d (~3e-5 at V = 10³) in q. [B, c] @ [c, m] first: the
+  # [B, c] product d @ λ would cost a pass over a [B, c] temporary.
+  return jnp.sum(d * (lam["rep"] + y @ lam["assoc"].T + w @ lam["proxy"].T), axis=-1)
 
 
 def moment_sums(q, d, y, w) -> dict:
@@ -263,11 +291,16 @@ def check_config(config) -> None:
     if not o[name] >= 1:
       raise ValueError(f"config.optim.{name} must be >= 1, got {o[name]}.")
   if not (o.lr > 0 and o.decay_steps > 0 and o.refine_steps >= 0 and o.polish_steps >= 0
-          and 0 <= o.average_from < 1):
+          and 0 <= o.average_from < 1 and o.get("kkt_tol", 0) >= 0
+          and o.get("kkt_stall", 0) >= 0
+          and o.get("check_every", 1) >= 1 and o.get("ladder_start", 0) >= 0
+          and o.get("ladder_factor", 2) > 1):
     raise ValueError("config.optim needs lr > 0, decay_steps > 0, refine_steps >= 0, "
-                     "polish_steps >= 0 and 0 <= average_from < 1; got "
+                     "polish_steps >= 0, 0 <= average_from < 1, kkt_tol >= 0, check_every >= 1, "
+                     "ladder_start >= 0 and ladder_factor > 1; got "
                      f"{o.lr}, {o.decay_steps}, {o.refine_steps}, {o.polish_steps}, "
-                     f"{o.average_from}.")
+                     f"{o.average_from}, {o.get('kkt_tol')}, {o.get('check_every')}, "
+                     f"{o.get('ladder_start')}, {o.get('ladder_factor')}.")
 
 
 def totals(ex: Examples) -> dict:

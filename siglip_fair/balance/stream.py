@@ -73,7 +73,8 @@ def solver_view(ex: m4.Examples, config) -> m4.Examples:
   utility zeros when use_utility is off."""
   return ex._replace(y=ex.y if config.use_labels else ex.y[:, :0],
                      w=ex.w if config.use_proxies else ex.w[:, :0],
-                     u=ex.u if config.use_utility else np.zeros(ex.u.shape, np.uint8))
+                     # zeros of u's own dtype: switching utility off compiles nothing anew
+                     u=ex.u if config.use_utility else np.zeros_like(ex.u))
 
 
 def _f32(ex: m4.Examples) -> m4.Examples:
@@ -391,7 +392,7 @@ def _card_piece(ex: m4.Examples, q, keep, mask):
                      s_y=ss[:, 1:1 + c], known_w=kk[:, 1 + c:], s_w=ss[:, 1 + c:])
   out["q_sum"], out["q_sq"], out["keep_sum"] = (q * mask).sum(), (q * q * mask).sum(), (
       keep * mask).sum()
-  out["n"] = mask.sum()
+  out["n"], out["uq"] = mask.sum(), (f.u * q * mask).sum()
   return out
 
 
@@ -402,6 +403,8 @@ def card_pass(plan: Plan, config, chunk, q, keep, progress=False) -> dict:
   def dispatched():
     for _, local, rows, ex, mask in _walk(plan, chunk, config, "M4 card", progress):
       pad = lambda x: np.pad(np.asarray(x[local:local + rows], np.float32), (0, chunk - rows))
+      # The utility only where M4 used it (the objective f(q) in the card's gap).
+      ex = ex._replace(u=solver_view(ex, config).u)
       yield _card_sums(ex, pad(q), pad(keep), mask), None
 
   acc = None
@@ -450,17 +453,21 @@ def balance_stream(source, config, key: jax.Array, *, names: dict | None = None,
   pi = m4.targets(config, totals)
   eps = m4.tolerances(config, dict(totals, y=totals["y"][:sample.y.shape[1]],
                                    w=totals["w"][:sample.w.shape[1]]))
-  lam, mu, consts, unit, info = dual.solve(sample, pi, eps, config, init=init, devices=devices)
+  # A sample's exact phase stops at its own noise; the polish (or all rows) goes further.
+  solution = dual.solve(sample, pi, eps, config, init=init, devices=devices,
+                        sampled=within is not None and bool(o.polish_steps))
   lap("solve")
+  info = solution.info
   info.update(sample=int(len(sample.s)), polish_sample=int(len(large.s)), n=n, polish_steps=0)
   if within is not None and o.polish_steps:
     # Duals fitted to a sample also fit its noise, which costs objective on the full data
-    # (~1 % at 2^16 rows); exact steps on the 8x larger polish sample (all rows up to
-    # polish_size) remove most of it.
-    lam, mu, distinct = dual.polish(large, lam, mu, consts, unit, config, o.polish_steps,
-                                    devices)
+    # (~1 % at 2^16 rows); the exact phase again on the 8x larger polish sample (all rows up
+    # to polish_size), run to the same criterion, removes it.
+    solution = dual.polish(large, solution, config, o.polish_steps, devices,
+                           sampled=idx is not None)
     lap("polish")
-    info.update(polish_steps=int(o.polish_steps), polish_rows=int(distinct))
+    info = solution.info
+  lam = solution.lam
   rows = plan.rows()
 
   def draws(q):
@@ -484,9 +491,11 @@ def balance_stream(source, config, key: jax.Array, *, names: dict | None = None,
 
   q, mu, keep, sums = certify(lam)
   info["seconds"] = seconds
+  # The prices at V: the duals q came from, moved along the solution path when the solution
+  # settled at a lower cap (dual.converge; µ keeps the budget shift the bisection made).
   v = jax.tree.map(lambda x: np.stack([np.maximum(x, 0), np.maximum(-x, 0)]).astype(np.float32),
-                   jax.tree.map(np.asarray, lam))
-  duals = dict(v=v, mu=float(mu))
+                   jax.tree.map(np.asarray, solution.lam_v))
+  duals = dict(v=v, mu=float(mu) + solution.mu_v - solution.mu)
   card = cardlib.data_card_from_sums(sums, pi=pi, eps=eps, duals=duals, config=config,
                                      info=info, names=names)
   repeats = None
