@@ -31,7 +31,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import read_only_builder
 from tensorflow_datasets.core import registered
 
-from siglip_fair.data import builder, faces
+from siglip_fair.data import builder, faces, preprocess
 
 NUM_CAPTIONS = 5
 
@@ -177,14 +177,7 @@ def _tfds_source(tfds_name: str, split: str, data_dir):
 def prepare_image(image: np.ndarray, image_size: int | None = None) -> np.ndarray:
   """uint8 [H, W, 3]: grayscale/alpha fixed; center-cropped square and
   resized to image_size x image_size when given."""
-  img = np.asarray(image)
-  if img.ndim == 3 and img.shape[-1] == 1:
-    img = img[..., 0]
-  if img.ndim == 2:
-    img = np.repeat(img[..., None], 3, axis=-1)
-  if img.ndim != 3 or img.shape[-1] not in (3, 4):
-    raise ValueError(f"Expected an [H, W, 1|3|4] image, got shape {img.shape}.")
-  img = img[..., :3]
+  img = preprocess.rgb_channels(image)
   if img.dtype != np.uint8:
     img = np.clip(img, 0, 255).astype(np.uint8)
   if image_size is None:

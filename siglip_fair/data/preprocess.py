@@ -113,8 +113,8 @@ def check_image_config(cfg) -> None:
 
 # ---- images ----
 
-def _as_rgb(image) -> np.ndarray:
-  """uint8 [H, W, 3] from [H, W], [H, W, 1|3|4] uint8 (alpha dropped, grey repeated)."""
+def rgb_channels(image) -> np.ndarray:
+  """[H, W, 3] from [H, W] or [H, W, 1|3|4] (alpha dropped, grey repeated), dtype kept."""
   img = np.asarray(image)
   if img.ndim == 3 and img.shape[-1] == 1:
     img = img[..., 0]
@@ -122,10 +122,16 @@ def _as_rgb(image) -> np.ndarray:
     img = np.repeat(img[..., None], 3, axis=-1)
   if img.ndim != 3 or img.shape[-1] not in (3, 4):
     raise ValueError(f"expected an [H, W, 1|3|4] image, got shape {img.shape}.")
+  return img[..., :3]
+
+
+def _as_rgb(image) -> np.ndarray:
+  """uint8 [H, W, 3] from [H, W], [H, W, 1|3|4] uint8 (alpha dropped, grey repeated)."""
+  img = rgb_channels(image)
   if img.dtype != np.uint8:
     # Float images would be rescaled a second time and silently give wrong pixels.
     raise ValueError(f"images must be uint8 [H, W, 3] in [0, 255], got {img.dtype}.")
-  return img[..., :3]
+  return img
 
 
 def _tf_bilinear_weights(in_size: int, out_size: int):
