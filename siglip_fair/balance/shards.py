@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from siglip_fair.balance import inputs
-from siglip_fair.io import atomic_savez
+from siglip_fair.io import atomic_savez, atomic_write
 
 FIELDS = inputs.FIELDS
 _MULTI_HOT = inputs.MULTI_HOT
@@ -323,3 +323,97 @@ def write_shards(ann: Mapping[str, Any], directory: str | os.PathLike, num_shard
                           for k, v in ann.items() if k in FIELDS})
     paths.append(path)
   return paths
+
+
+# Parquet annotation shards named by global row range: what the Beam text annotation and the
+# multi-host image annotation write, one file per range, so that any number of workers can
+# write their shards independently and `as_shards(directory)` (sorted names) reads them back
+# in global row order.
+_ROWS_DIGITS = 12  # 10^12 rows: zero-padded so that sorted names are sorted ranges
+
+
+def shard_name(prefix: str, start: int, stop: int) -> str:
+  """File name of the annotation shard of global rows [start, stop):
+  `<prefix>-rows-<start:012d>-<stop:012d>.parquet` (sorted names = global row order)."""
+  if not 0 <= start <= stop < 10 ** _ROWS_DIGITS:
+    raise ValueError(f"shard rows [{start}, {stop}) must satisfy 0 <= start <= stop < 10^12.")
+  if not prefix or "/" in prefix or os.sep in prefix or prefix.startswith("."):
+    raise ValueError(f"shard prefix {prefix!r} must be a non-empty file name that does not "
+                     "start with '.' (hidden files are not read as shards).")
+  return f"{prefix}-rows-{start:0{_ROWS_DIGITS}d}-{stop:0{_ROWS_DIGITS}d}.parquet"
+
+
+def _arrow_column(name: str, x: np.ndarray):
+  """A pyarrow column for a field: [n] -> scalars, [n, k] -> fixed-size lists of k."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  x = np.ascontiguousarray(_compact(name, x))
+  if x.ndim == 1:
+    return pa.array(x)
+  return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+
+
+def write_parquet_shard(path: str | os.PathLike, ann: Mapping[str, Any],
+                        row_group_size: int = 65536) -> str:
+  """Writes annotation arrays (the `FIELDS` among ann's keys: s [n, m], known [n] or [n, m],
+  y [n, c], w [n, p], u [n]) as one .parquet file that `ParquetShard` reads, atomically
+  (written to a hidden temporary name in the same folder, then renamed), so a killed writer
+  never leaves a partial shard under `path`. Multi-hot fields are stored as uint8 when they
+  are 0/1. Returns the path."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  path = os.fspath(path)
+  arrays = {k: np.asarray(ann[k]) for k in FIELDS if k in ann}
+  inputs.check_shapes({k: (v.shape, v.dtype) for k, v in arrays.items()},
+                      where=f"annotation shard {path!r}: ")
+  table = pa.table({k: _arrow_column(k, v) for k, v in arrays.items()})
+  buffer = pa.BufferOutputStream()
+  pq.write_table(table, buffer, row_group_size=max(1, row_group_size))
+  return atomic_write(path, buffer.getvalue().to_pybytes())
+
+
+def check_coverage(directory: str | os.PathLike, n: int | None = None,
+                   prefix: str = "annotations") -> list[tuple[int, int, str]]:
+  """Checks that the shards `shard_name(prefix, ...)` in `directory` cover rows [0, n)
+  (n None: [0, last stop)) exactly once, in order, and that each holds as many rows as its
+  name says. Returns [(start, stop, path)] sorted; raises ValueError naming the first gap,
+  overlap, stray annotation file (which `as_shards(directory)` would also read) or row count
+  that does not match."""
+  import re  # pylint: disable=g-import-not-at-top
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"annotation shard folder {directory!r} does not exist.")
+  pattern = re.compile(re.escape(prefix) + r"-rows-(\d{12})-(\d{12})\.parquet")
+  ranges, stray = [], []
+  for f in sorted(os.listdir(directory)):
+    if f.startswith(".") or not f.endswith((".npz", ".parquet")):
+      continue
+    match = pattern.fullmatch(f)
+    if match is None:
+      stray.append(f)
+    else:
+      ranges.append((int(match[1]), int(match[2]), os.path.join(directory, f)))
+  if stray:
+    raise ValueError(f"{directory!r} holds annotation files not named "
+                     f"{shard_name(prefix, 0, 0).replace('0' * _ROWS_DIGITS, '<row>')}: "
+                     f"{stray[:3]}; as_shards would read them too, so move them elsewhere.")
+  if not ranges and n != 0:
+    raise ValueError(f"no annotation shards {prefix}-rows-*.parquet in {directory!r}.")
+  expected = 0
+  for start, stop, path in ranges:
+    name = os.path.basename(path)
+    if start > expected:
+      raise ValueError(f"{directory!r}: rows [{expected}, {start}) are missing (gap before "
+                       f"{name}); rerun the annotation to write them.")
+    if start < expected:
+      raise ValueError(f"{directory!r}: {name} overlaps the shards before it (rows [{start}, "
+                       f"{expected}) twice); delete the shards of one of the two runs.")
+    rows = len(ParquetShard(path))
+    if rows != stop - start:
+      raise ValueError(f"{path!r} holds {rows} rows but its name says {stop - start} "
+                       f"([{start}, {stop})); delete it and rerun the annotation.")
+    expected = stop
+  if n is not None and expected != n:
+    raise ValueError(f"{directory!r}: shards cover rows [0, {expected}) but the dataset has "
+                     f"{n} rows" + (f"; rows [{expected}, {n}) are missing." if expected < n
+                                    else "; they hold more rows than the dataset."))
+  return ranges
