@@ -1,0 +1,226 @@
+"""Multi-host zero-shot image annotation into row-range parquet shards (issue 21, item 2).
+
+A tiny random two-tower model annotates a few hundred random images. References: the one-host
+in-memory path (`ZeroShotAnnotator.annotate`) and `combine.combine` on in-memory arrays.
+
+This file is also the child of the two-process test:
+
+    python tests/test_annotate_multihost.py PROCESS_ID PORT OUT_DIR
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+if __name__ == "__main__":  # a child process: 2 fake CPU devices, before jax is imported
+  os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2 "
+                             "--xla_backend_optimization_level=0")  # as conftest.py
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from siglip_fair.annotate import multihost, zeroshot  # noqa: E402
+from siglip_fair.annotate.combine import combine  # noqa: E402
+from siglip_fair.balance import shards  # noqa: E402
+
+N, SIZE, BATCH, SHARD = 200, 16, 8, 24  # 9 shards, the last one of 8 rows
+
+
+class Words:
+  """A word-hash tokenizer: enough to tell the prompts apart."""
+
+  def encode(self, texts):
+    out = np.zeros((len(texts), 12), np.int32)
+    for row, text in zip(out, texts):
+      ids = [1 + sum(map(ord, w)) % 300 for w in str(text).split()][:12]
+      row[:len(ids)] = ids
+    return out
+
+
+def setup(min_margin=0.25):
+  """(annotator, params, source) of a random tiny two-tower model and N random images."""
+  from siglip_fair.models import embed_fns, make_model  # pylint: disable=g-import-not-at-top
+  from siglip_fair.models.two_tower import temperature  # pylint: disable=g-import-not-at-top
+  model = make_model(ml_collections.ConfigDict(dict(
+      image=dict(variant="mu/4"), text=dict(variant="mu", vocab_size=320, max_len=12),
+      embed_dim=16)))
+  params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, SIZE, SIZE, 3), np.float32),
+                               np.ones((1, 12), np.int32))["params"]
+  cfg = zeroshot.default_config()
+  cfg.templates, cfg.fields = ("a photo of {}.", "{}"), ("s", "y", "w")
+  cfg.batch_size, cfg.min_margin = BATCH, min_margin
+  embed_images, embed_texts = embed_fns(model)
+  annotator = zeroshot.ZeroShotAnnotator(embed_images, embed_texts, Words(), temperature, cfg)
+  images = np.random.default_rng(0).integers(0, 256, (N, SIZE, SIZE, 3), np.uint8)
+  return annotator, params, [{"image": x} for x in images]
+
+
+def _files(folder):
+  return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))
+          if f.endswith(".parquet")}
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_write_the_one_process_shards_which_equal_the_in_memory_path(tmp_path):
+  annotator, params, source = setup()
+  one = multihost.annotate_shards(annotator, params, source, tmp_path / "one", shard_size=SHARD,
+                                  devices=jax.devices()[:4])
+  assert one == dict(one, rows=N, shards=9, written=9, skipped=0, complete=True)
+  # The in-memory one-host path: one plain jit on one device over the whole source.
+  reference = annotator.annotate(params, source)
+  got = multihost.load_shards(tmp_path / "one", n=N)
+  for k in ("s", "known", "y", "w", "u"):
+    np.testing.assert_array_equal(got[k], reference[k], err_msg=k)
+  # Not a degenerate instance: some rows known and some not, several occupations and proxies.
+  assert 0.2 < reference["known"].mean() < 0.95
+  assert len(np.unique(reference["y"].argmax(1))) > 2 and 0 < reference["w"].mean() < 1
+
+  port, env = _free_port(), dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))))
+  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(i), str(port),
+                             str(tmp_path / "two")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = [p.communicate(timeout=900)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+  summaries = [json.loads(log.strip().splitlines()[-1]) for log in logs]
+  # Process 0 writes ranges 0, 2, 4, 6, 8 (the last of 8 rows); process 1 ranges 1, 3, 5, 7.
+  assert [(s["written"], s["rows"]) for s in summaries] == [(5, 4 * SHARD + 8), (4, 4 * SHARD)]
+  assert summaries[0]["complete"] and "rows/s" in logs[0]
+  assert _files(tmp_path / "two") == _files(tmp_path / "one")  # byte for byte
+
+
+def test_a_run_stopped_midway_resumes_and_skips_finished_shards(tmp_path):
+  annotator, params, source = setup()
+  full = multihost.annotate_shards(annotator, params, source, tmp_path / "full",
+                                   shard_size=20, devices=jax.devices()[:1])
+  part = multihost.annotate_shards(annotator, params, source, tmp_path / "run",
+                                   shard_size=20, devices=jax.devices()[:2], max_shards=4)
+  assert (part["written"], part["complete"]) == (4, False)
+  before = {f: os.stat(tmp_path / "run" / f).st_mtime_ns for f in _files(tmp_path / "run")}
+  assert len(before) == 4
+  # What a writer killed mid-file leaves: a hidden temporary file, never read as a shard.
+  (tmp_path / "run" / ".tmp_image-rows-000000000080-000000000100.parquet.x").write_bytes(b"PAR")
+  lines = []
+  rest = multihost.annotate_shards(annotator, params, source, tmp_path / "run", shard_size=20,
+                                   devices=jax.devices()[:4], log=lines.append)
+  assert (rest["skipped"], rest["written"], rest["complete"]) == (4, 6, True)
+  assert "4 done before, 6 to write" in lines[0]
+  assert {f: os.stat(tmp_path / "run" / f).st_mtime_ns for f in before} == before  # untouched
+  assert _files(tmp_path / "run") == _files(tmp_path / "full")
+  assert full["written"] == 10
+  # shard_size 20 is no multiple of the batch (8): rows 16-23 are one batch in memory but two
+  # here; the annotations are still those of the in-memory path.
+  reference = annotator.annotate(params, source)
+  got = multihost.load_shards(tmp_path / "run", n=N)
+  for k in ("s", "known", "y", "w"):
+    np.testing.assert_array_equal(got[k], reference[k], err_msg=k)
+
+
+def test_a_resume_with_other_settings_is_refused(tmp_path):
+  annotator, params, source = setup()
+  multihost.annotate_shards(annotator, params, source, tmp_path, shard_size=50, max_shards=1)
+  other, _, _ = setup(min_margin=0.3)
+  try:
+    multihost.annotate_shards(other, params, source, tmp_path, shard_size=50)
+  except ValueError as e:
+    assert "min_margin" in str(e) and "new output folder" in str(e)
+  else:
+    raise AssertionError("a resume with another min_margin was accepted")
+  try:
+    multihost.annotate_shards(annotator, params, source, tmp_path, shard_size=40)
+  except ValueError as e:
+    assert "shard_size" in str(e)
+  else:
+    raise AssertionError("a resume with another shard_size was accepted")
+  assert len(_files(tmp_path)) == 1
+
+
+def _text_annotations(seed):
+  """Random text-side annotations with unknown rows and a utility column."""
+  rng = np.random.default_rng(seed)
+  known = (rng.random(N) < 0.6).astype(np.float32)
+  s = np.eye(2, dtype=np.float32)[rng.integers(0, 2, N)] * known[:, None]
+  y = (rng.random((N, 10)) < 0.1).astype(np.float32)  # rows with no label: image side's
+  w = (rng.random((N, 10)) < 0.3).astype(np.float32)
+  return dict(s=s, known=known, y=y, w=w, u=rng.normal(size=N).astype(np.float32))
+
+
+def _write(ann, folder, cut, prefix="annotations"):
+  n = len(ann["s"])
+  for a in range(0, n, cut):
+    b = min(a + cut, n)
+    shards.write_parquet_shard(os.path.join(folder, shards.shard_name(prefix, a, b)),
+                               {k: v[a:b] for k, v in ann.items()})
+
+
+def test_combining_text_and_image_shards_by_row_equals_combine_in_memory(tmp_path):
+  annotator, params, source = setup()
+  multihost.annotate_shards(annotator, params, source, tmp_path / "image", shard_size=SHARD,
+                            devices=jax.devices()[:2])
+  image = annotator.annotate(params, source)
+  for seed, rule in enumerate(("either", "both", "text_first")):
+    text = _text_annotations(seed)
+    cut = (50, 64, SHARD)[seed]  # another cut than the image side's, and the same one
+    _write(text, tmp_path / f"text{seed}", cut)
+    out = tmp_path / f"{rule}"
+    paths = multihost.combine_shards(tmp_path / f"text{seed}", tmp_path / "image", rule, out)
+    assert len(paths) == -(-N // cut)
+    got = multihost.load_shards(out, "annotations", n=N)
+    want = combine(text, image, rule)
+    for k in ("s", "known", "y", "w"):
+      np.testing.assert_array_equal(got[k], want[k], err_msg=f"{rule} {k}")
+    np.testing.assert_array_equal(got["u"], text["u"])
+    assert sum(len(s) for s in shards.as_shards(str(out))) == N  # what M4 streams
+
+
+def test_shard_folders_with_gaps_or_other_rows_are_refused(tmp_path):
+  text = _text_annotations(0)
+  _write(text, tmp_path / "text", 50)
+  _write({k: v[:150] for k, v in text.items()}, tmp_path / "short", 50, prefix="image")
+  _write(_text_annotations(1), tmp_path / "image", 40, prefix="image")
+  os.remove(tmp_path / "image" / shards.shard_name("image", 80, 120))
+  out = tmp_path / "out"
+  cases = [
+      (lambda: multihost.combine_shards(tmp_path / "text", tmp_path / "image", "either", out),
+       "rows [80, 120) are missing"),
+      (lambda: multihost.load_shards(tmp_path / "image", n=N), "rows [80, 120) are missing"),
+      (lambda: multihost.combine_shards(tmp_path / "text", tmp_path / "short", "both", out),
+       "cover rows [0, 200) but the image shards"),
+      (lambda: multihost.combine_shards(tmp_path / "text", tmp_path / "short", "both", out,
+                                        n=150), "hold more rows than the dataset"),
+      (lambda: multihost.combine_shards(tmp_path / "text", tmp_path / "short", "both",
+                                        tmp_path / "text"), "must differ from the input"),
+      (lambda: multihost.combine_shards(tmp_path / "text", tmp_path / "short", "nope", out),
+       "expected one of")]
+  for call, match in cases:
+    try:
+      call()
+    except ValueError as e:
+      assert match in str(e), (match, str(e))
+    else:
+      raise AssertionError(f"no error for {match!r}")
+  assert not os.path.exists(out)
+
+
+def _child():
+  pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+  jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
+                             process_id=pid, initialization_timeout=300)
+  assert jax.process_count() == 2 and len(jax.local_devices()) == 2
+  annotator, params, source = setup()
+  summary = multihost.annotate_shards(annotator, params, source, out, shard_size=SHARD)
+  print(json.dumps(summary), flush=True)
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  _child()
