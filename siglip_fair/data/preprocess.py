@@ -19,7 +19,9 @@ CLIPProcessor, OpenAI's clip.tokenize):
   sentencepiece tokenizer (c4_en / mc4) without lower-casing, EOS kept last ('sticky') and
   padded with EOS (pad_value=1) to 64 tokens.
 - 'siglip2' (big_vision SigLIP 2 .npz): the same image rule; Gemma's sentencepiece tokenizer on
-  lower-cased text, no BOS, sticky EOS, padded with '<pad>' (id 0) to 64.
+  lower-cased text, no BOS, sticky EOS, padded with '<pad>' (id 0) to 64 (the SigLIP 2 colab's
+  `lower|tok(length=64, model="gemma", bos="no", eos="sticky")`). big_vision's `lower` is
+  tf.strings.lower with its default encoding, which lower-cases A-Z only: lower='ascii'.
 - 'siglip_hf' (transformers SiglipModel folder): S x S by PIL's bicubic (antialiased) resize;
   [-1, 1]; the sentencepiece tokenizer after lower-casing, ASCII punctuation removal and
   whitespace collapsing (SiglipTokenizer's canonicalize_text), sticky EOS, padded with '</s>'.
@@ -69,7 +71,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   eos="sticky", eos_token="</s>", pad_token="</s>")),
     "siglip2": dict(
         image=_SIGLIP_IMAGE,
-        text=dict(kind="sentencepiece", max_len=0, lower=True, canonicalize=False, bos="",
+        text=dict(kind="sentencepiece", max_len=0, lower="ascii", canonicalize=False, bos="",
                   eos="sticky", eos_token="<eos>", pad_token="<pad>")),
     "siglip_hf": dict(
         image=dict(_SIGLIP_IMAGE, method="bicubic"),
@@ -79,7 +81,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # tokenizer.json: big_vision's SigLIP 2 text rules ('<eos>', '<pad>', no BOS).
     "siglip2_hf": dict(
         image=dict(_SIGLIP_IMAGE, method="bicubic"),
-        text=dict(kind="hf", max_len=0, lower=True, canonicalize=False, bos="", eos="sticky",
+        text=dict(kind="hf", max_len=0, lower="ascii", canonicalize=False, bos="", eos="sticky",
                   eos_token="<eos>", pad_token="<pad>")),
     "clip": dict(
         image=dict(size=0, resize="shorter", method="bicubic", crop=True, mean=OPENAI_MEAN,
@@ -93,7 +95,10 @@ def preset(name: str) -> ml_collections.ConfigDict:
   """ConfigDict(image=..., text=...) of a preset (see the module docstring)."""
   if name not in PRESETS:
     raise ValueError(f"preprocessing preset {name!r} is not known; use one of {sorted(PRESETS)}.")
-  return ml_collections.ConfigDict({k: dict(v) for k, v in PRESETS[name].items()})
+  # Not type-safe: a field may be overridden with another type (tokenizer.lower 'ascii' by
+  # true / false).
+  return ml_collections.ConfigDict({k: dict(v) for k, v in PRESETS[name].items()},
+                                   type_safe=False)
 
 
 def check_image_config(cfg) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import string
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -26,6 +27,21 @@ from siglip_fair.io import atomic_write
 PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
+
+# A-Z -> a-z only: big_vision's `lower` op is tf.strings.lower with its default encoding '',
+# which lower-cases ASCII letters and leaves every other character (É, Д, ...) as it is.
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def lower_mode(value) -> bool | str:
+  """tokenizer.lower as the encoder applies it: False, True (Python's str.lower: every
+  script, as transformers' SiglipTokenizer) or 'ascii' (A-Z only, big_vision's `lower`)."""
+  if isinstance(value, str):
+    if value.strip().lower() != "ascii":
+      raise ValueError(f"tokenizer.lower={value!r}; use true, false or 'ascii' (A-Z only, as "
+                       "big_vision's SigLIP 2 preprocessing).")
+    return "ascii"
+  return bool(value)
 
 
 def train_sentencepiece(
@@ -86,8 +102,9 @@ def train_sentencepiece(
 class _Encoder:
   """Fixed-length encoding rules shared by the tokenizers (subclasses give `_pieces`).
 
-  Each text is lower-cased (`lower`) and canonicalised (`canonicalize`: ASCII punctuation
-  removed, whitespace collapsed; transformers' SiglipTokenizer) when asked, split into pieces,
+  Each text is lower-cased (`lower`: True for every script, 'ascii' for A-Z only) and
+  canonicalised (`canonicalize`: ASCII punctuation removed, whitespace collapsed;
+  transformers' SiglipTokenizer) when asked, split into pieces,
   preceded by `bos_id` when given, then ended by `eos` as in big_vision's
   `tokenize(eos=..., pad_value=...)`:
     'none': pieces only, truncated to max_len;
@@ -107,7 +124,7 @@ class _Encoder:
   pad_id: int
   bos_id: int | None = None
   eos: str = "sticky"
-  lower: bool = False
+  lower: bool | str = False
   canonicalize: bool = False
 
   def _set_rules(self, max_len, eos, lower, canonicalize, bos_id):
@@ -116,14 +133,17 @@ class _Encoder:
     if eos not in EOS_MODES:
       raise ValueError(f"eos={eos!r}; use one of {EOS_MODES}.")
     self.max_len, self.eos = int(max_len), eos
-    self.lower, self.canonicalize = bool(lower), bool(canonicalize)
+    self.lower, self.canonicalize = lower_mode(lower), bool(canonicalize)
     self.bos_id = None if bos_id is None else int(bos_id)
 
   def _pieces(self, texts: list[str]) -> list[list[int]]:
     raise NotImplementedError
 
   def _clean(self, text: str) -> str:
-    text = text.lower() if self.lower else text
+    if self.lower == "ascii":
+      text = text.translate(_ASCII_LOWER)
+    elif self.lower:
+      text = text.lower()
     return canonicalize(text) if self.canonicalize else text
 
   def encode(self, texts: Sequence[str | bytes]) -> np.ndarray:
@@ -168,7 +188,7 @@ class Tokenizer(_Encoder):
   """Fixed-length SentencePiece encoder; the model is loaded once (rules: `_Encoder`).
 
   big_vision's SigLIP checkpoints were trained with eos='sticky', pad_id=eos_id (use them with
-  the text tower's padding='none'); SigLIP 2 with lower=True, pad_id=0; transformers'
+  the text tower's padding='none'); SigLIP 2 with lower='ascii', pad_id=0; transformers'
   SiglipTokenizer also canonicalises. The defaults suit padding='mask'. `pad_id` is 0 (the
   model's pad piece) or its EOS id.
   """
@@ -246,6 +266,10 @@ class HFTokenizer(_Encoder):
     except Exception as e:  # pylint: disable=broad-except  (the Rust side raises Exception)
       raise ValueError(f"{self.model_path!r} is not a Hugging Face tokenizer.json ({e}).") \
           from None
+    # A tokenizer.json saved after use may carry padding / truncation settings; those rules
+    # are ours (`_Encoder.encode`), so the pieces must come unpadded and uncut.
+    self._tok.no_padding()
+    self._tok.no_truncation()
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     if not eos_token:
       raise ValueError("a tokenizer.json needs tokenizer.eos_token (e.g. '<|endoftext|>'): it "
@@ -283,7 +307,7 @@ def make_tokenizer(cfg, max_len: int | None = None) -> _Encoder:
   if kind not in TOKENIZER_KINDS:
     raise ValueError(f"tokenizer.kind={kind!r}; use one of {TOKENIZER_KINDS}.")
   length = int(max_len or get("max_len", 0) or 0)
-  rules = dict(eos=get("eos", "sticky") or "sticky", lower=bool(get("lower", False)),
+  rules = dict(eos=get("eos", "sticky") or "sticky", lower=lower_mode(get("lower", False)),
                canonicalize=bool(get("canonicalize", False)))
   if kind == "hf":
     return HFTokenizer(get("path", ""), length, eos_token=get("eos_token", ""),
