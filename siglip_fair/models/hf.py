@@ -22,9 +22,8 @@ The two families as options of our towers (model_config writes them from config.
   patch embedding nor on either projection (head_bias=False); causal text attention pooled at
   the end-of-text token (text.causal=True, pool='eos'); logit_scale = log t, shape (), no bias;
   quick-GELU, epsilon 1e-5.
-Each row of `_layout` pairs a Hugging Face tensor with one of ours and the transposes between
-them (torch Linear stores [out, in], flax Dense [in, out]; attention kernels are split per head
-in flax; torch convolutions are [out, in, h, w]); these are exact, so a round trip is bit-exact.
+Each row of `_layout` pairs a Hugging Face tensor with one of ours and the exact transposes
+between them (hf_layout.py), so a round trip is bit-exact.
 """
 from __future__ import annotations
 
@@ -33,13 +32,13 @@ import os
 from collections.abc import Mapping
 from typing import NamedTuple
 
-import jax
 import ml_collections
 import ml_dtypes  # noqa: F401  registers numpy's 'bfloat16', so bfloat16 files read too
 import numpy as np
 from safetensors.numpy import load_file, save
 
 from siglip_fair.io import atomic_write
+from siglip_fair.models import hf_layout as hl
 from siglip_fair.models import trees
 from siglip_fair.models.two_tower import make_model
 from siglip_fair.models.variants import size_name
@@ -77,7 +76,6 @@ _HF_ACTS = {"gelu": "gelu_pytorch_tanh", "gelu_erf": "gelu", "quick_gelu": "quic
 # Before transformers PR #24773 CLIP configs had eos_token_id=2, and CLIPTextModel still pools
 # such checkpoints at the highest token id (OpenAI's rule) instead of the first EOS.
 _LEGACY_EOS = 2
-_STACKS = {"img": "Transformer", "txt": "Encoder_0"}
 # What config.model must say to be each family's architecture (see the module docstring).
 _COMMON = {"image.posemb": "learn", "text.padding": "none"}
 _ARCH = {
@@ -315,116 +313,36 @@ def _hf_config(model, family: str, image_size: int) -> dict:
 
 
 # ---- tensors <-> params ----
-
-# (to ours, to Hugging Face) array transforms; `heads` splits attention projections per head.
-def _copy():
-  return (lambda x: x), (lambda x: x)
-
-
-def _dense():  # torch Linear [out, in] <-> flax Dense [in, out]
-  return (lambda x: x.T), (lambda x: x.T)
-
-
-def _conv():  # torch Conv2d [out, in, h, w] <-> flax Conv [h, w, in, out]
-  return (lambda x: x.transpose(2, 3, 1, 0)), (lambda x: x.transpose(3, 2, 0, 1))
-
-
-def _heads_in(heads):  # [H*Dh, D] <-> [D, H, Dh]
-  return (lambda x: x.T.reshape(x.shape[1], heads, -1)), (lambda x: x.reshape(x.shape[0], -1).T)
-
-
-def _heads_bias(heads):  # [H*Dh] <-> [H, Dh]
-  return (lambda x: x.reshape(heads, -1)), (lambda x: x.reshape(-1))
-
-
-def _heads_out(heads):  # [D, H*Dh] <-> [H, Dh, D]
-  return (lambda x: x.T.reshape(heads, -1, x.shape[0])), (lambda x: x.reshape(-1, x.shape[-1]).T)
-
-
-def _table():  # nn.Embedding [N, D] <-> our [1, N, D]
-  return (lambda x: x[None]), (lambda x: x[0])
-
-
-def _vector():  # CLIP's class_embedding [D] <-> our cls [1, 1, D]
-  return (lambda x: x.reshape(1, 1, -1)), (lambda x: x.reshape(-1))
-
-
-def _scalar(shape):  # logit_scale / logit_bias: (1,) in SigLIP, () in CLIP <-> our ()
-  return (lambda x: x.reshape(())), (lambda x: x.reshape(shape))
-
-
-def _row(hf, ours, fns, part=None):
-  """(Hugging Face key, part of it or None, our flat key, to ours, to Hugging Face). `part`
-  (0, 1, 2): a third of a packed q/k/v tensor (torch MultiheadAttention's in_proj)."""
-  return hf, part, ours, fns[0], fns[1]
-
-
-def _norm(hf, ours):
-  return [_row(f"{hf}.weight", f"{ours}/scale", _copy()),
-          _row(f"{hf}.bias", f"{ours}/bias", _copy())]
-
-
-def _linear(hf, ours, bias=True):
-  return ([_row(f"{hf}.weight", f"{ours}/kernel", _dense())]
-          + ([_row(f"{hf}.bias", f"{ours}/bias", _copy())] if bias else []))
-
-
-def _attention(hf, ours, heads, packed=False):
-  rows = []
-  for i, (torch_name, flax_name) in enumerate((("q_proj", "query"), ("k_proj", "key"),
-                                               ("v_proj", "value"))):
-    weight, bias = ((f"{hf}.in_proj_weight", f"{hf}.in_proj_bias") if packed
-                    else (f"{hf}.{torch_name}.weight", f"{hf}.{torch_name}.bias"))
-    part = i if packed else None
-    rows += [_row(weight, f"{ours}/{flax_name}/kernel", _heads_in(heads), part),
-             _row(bias, f"{ours}/{flax_name}/bias", _heads_bias(heads), part)]
-  return rows + [_row(f"{hf}.out_proj.weight", f"{ours}/out/kernel", _heads_out(heads)),
-                 _row(f"{hf}.out_proj.bias", f"{ours}/out/bias", _copy())]
-
-
-def _mlp(hf, ours):
-  return _linear(f"{hf}.fc1", f"{ours}/Dense_0") + _linear(f"{hf}.fc2", f"{ours}/Dense_1")
-
-
-def _encoder(hf, ours, tower):
-  rows = []
-  for i in range(int(tower["num_hidden_layers"])):
-    h, o = f"{hf}.encoder.layers.{i}", f"{ours}/encoderblock_{i}"
-    rows += (_norm(f"{h}.layer_norm1", f"{o}/LayerNorm_0")
-             + _attention(f"{h}.self_attn", f"{o}/MultiHeadDotProductAttention_0",
-                          int(tower["num_attention_heads"]))
-             + _norm(f"{h}.layer_norm2", f"{o}/LayerNorm_1") + _mlp(f"{h}.mlp", f"{o}/MlpBlock_0"))
-  return rows
-
-
 def _layout(config: Mapping) -> list[tuple]:
-  """Every (Hugging Face tensor, our parameter) pair of a config.json's model (see _row)."""
+  """Every (Hugging Face tensor, our parameter) pair of a config.json's model (see row)."""
   family = _family(config)
   text, vision, _ = _towers(config)
   v, t = "vision_model", "text_model"
-  rows = [_row(f"{v}.embeddings.patch_embedding.weight", "img/embedding/kernel", _conv()),
-          _row(f"{v}.embeddings.position_embedding.weight", "img/pos_embedding", _table()),
-          _row(f"{t}.embeddings.token_embedding.weight", "txt/embedding/embedding", _copy()),
-          _row(f"{t}.embeddings.position_embedding.weight", "txt/pos_embedding", _table())]
-  rows += _encoder(v, "img/Transformer", vision) + _encoder(t, "txt/Encoder_0", text)
-  rows += (_norm(f"{v}.post_layernorm", "img/Transformer/encoder_norm")
-           + _norm(f"{t}.final_layer_norm", "txt/Encoder_0/encoder_norm"))
+  rows = [hl.row(f"{v}.embeddings.patch_embedding.weight", "img/embedding/kernel", hl.conv()),
+          hl.row(f"{v}.embeddings.position_embedding.weight", "img/pos_embedding", hl.table()),
+          hl.row(f"{t}.embeddings.token_embedding.weight", "txt/embedding/embedding",
+                 hl.identity()),
+          hl.row(f"{t}.embeddings.position_embedding.weight", "txt/pos_embedding", hl.table())]
+  rows += hl.encoder(v, "img/Transformer", vision) + hl.encoder(t, "txt/Encoder_0", text)
+  rows += (hl.norm(f"{v}.post_layernorm", "img/Transformer/encoder_norm")
+           + hl.norm(f"{t}.final_layer_norm", "txt/Encoder_0/encoder_norm"))
   if family == "siglip":
     head = f"{v}.head"
-    rows += [_row(f"{v}.embeddings.patch_embedding.bias", "img/embedding/bias", _copy()),
-             _row(f"{head}.probe", "img/MAPHead_0/probe", _copy())]
-    rows += (_attention(f"{head}.attention", "img/MAPHead_0/MultiHeadDotProductAttention_0",
+    rows += [hl.row(f"{v}.embeddings.patch_embedding.bias", "img/embedding/bias", hl.identity()),
+             hl.row(f"{head}.probe", "img/MAPHead_0/probe", hl.identity())]
+    rows += (hl.attention(f"{head}.attention", "img/MAPHead_0/MultiHeadDotProductAttention_0",
                         int(vision["num_attention_heads"]), packed=True)
-             + _norm(f"{head}.layernorm", "img/MAPHead_0/LayerNorm_0")
-             + _mlp(f"{head}.mlp", "img/MAPHead_0/MlpBlock_0")
-             + _linear(f"{t}.head", "txt_head")
-             + [_row("logit_scale", "t", _scalar((1,))), _row("logit_bias", "b", _scalar((1,)))])
+             + hl.norm(f"{head}.layernorm", "img/MAPHead_0/LayerNorm_0")
+             + hl.mlp(f"{head}.mlp", "img/MAPHead_0/MlpBlock_0")
+             + hl.linear(f"{t}.head", "txt_head")
+             + [hl.row("logit_scale", "t", hl.scalar((1,))),
+                hl.row("logit_bias", "b", hl.scalar((1,)))])
   else:
-    rows += ([_row(f"{v}.embeddings.class_embedding", "img/cls", _vector())]
-             + _norm(f"{v}.pre_layrnorm", "img/pre_norm")
-             + _linear("visual_projection", "img_head", bias=False)
-             + _linear("text_projection", "txt_head", bias=False)
-             + [_row("logit_scale", "t", _scalar(()))])
+    rows += ([hl.row(f"{v}.embeddings.class_embedding", "img/cls", hl.vector())]
+             + hl.norm(f"{v}.pre_layrnorm", "img/pre_norm")
+             + hl.linear("visual_projection", "img_head", bias=False)
+             + hl.linear("text_projection", "txt_head", bias=False)
+             + [hl.row("logit_scale", "t", hl.scalar(()))])
   return rows
 
 
@@ -449,48 +367,6 @@ def _check_keys(tensors: Mapping, config: Mapping, rows) -> None:
         f"not the {_ARCHITECTURES[config['model_type']]} its config.json describes: missing "
         f"keys {_show(missing)}, unknown keys {_show(unknown)}. Is config.json the one saved "
         "with these weights?")
-
-
-def _nest(flat: Mapping[str, np.ndarray]) -> dict:
-  params: dict = {}
-  for key, value in flat.items():
-    *path, leaf = key.split("/")
-    node = params
-    for name in path:
-      node = node.setdefault(name, {})
-    node[leaf] = value
-  return params
-
-
-_flatten = trees.flatten_to_host
-
-
-def _stack(params: dict, towers) -> dict:
-  """Per-layer `encoderblock_<i>` subtrees of `towers` ('img', 'txt') -> one stacked
-  `encoderblock` subtree with a leading [depth] axis (our model.<tower>.scan=True layout)."""
-  params = dict(params)
-  for tower in towers:
-    stack = dict(params[tower][_STACKS[tower]])
-    depth = sum(k.startswith("encoderblock_") for k in stack)
-    layers = [stack.pop(f"encoderblock_{i}") for i in range(depth)]
-    stack["encoderblock"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
-    params[tower] = dict(params[tower], **{_STACKS[tower]: stack})
-  return params
-
-
-def _unstack(params: Mapping) -> dict:
-  """The inverse of _stack for every tower stored stacked."""
-  params = dict(params)
-  for tower, name in _STACKS.items():
-    stack = dict(params.get(tower, {}).get(name, {}))
-    if "encoderblock" not in stack:
-      continue
-    stacked = stack.pop("encoderblock")
-    depth = len(jax.tree.leaves(stacked)[0])
-    for i in range(depth):
-      stack[f"encoderblock_{i}"] = jax.tree.map(lambda x, i=i: np.asarray(x)[i], stacked)
-    params[tower] = dict(params[tower], **{name: stack})
-  return params
 
 
 def _check_shapes(model, params, image_size: int) -> None:
@@ -520,7 +396,7 @@ def from_hf(tensors: Mapping[str, np.ndarray], config: Mapping, *, scan=False) -
     # np.array, not ascontiguousarray, which turns a 0-d logit_scale into shape (1,).
     flat[ours] = np.array(value, np.float32, order="C")
   image_scan, text_scan = _scans(scan)
-  params = _stack(_nest(flat), [t for t, s in (("img", image_scan), ("txt", text_scan)) if s])
+  params = hl.stack(hl.nest(flat), [t for t, s in (("img", image_scan), ("txt", text_scan)) if s])
   _check_shapes(_make_model(model_config(config, scan=scan)), params,
                 _towers(config)[1]["image_size"])
   return params
@@ -531,7 +407,7 @@ def to_hf(params, config, family: str) -> tuple[dict[str, np.ndarray], dict]:
   if family not in FAMILIES:
     raise ValueError(f"family={family!r}; use one of {FAMILIES}.")
   model = _make_model(config)
-  flat = _flatten(_unstack(params))
+  flat = hl.flatten(hl.unstack(params))
   if "img/pos_embedding" not in flat or "img/embedding/kernel" not in flat:
     raise ValueError("params have no img/pos_embedding or img/embedding/kernel; are these a "
                      "TwoTower's params with a learnt position embedding?")
