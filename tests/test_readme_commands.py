@@ -2,6 +2,7 @@
 followed by overrides that shrink the world, the model's depth and the run (later overrides
 win). The quick-start demo runs in test_demo.py, the corpus imports in test_imports.py; the
 sweep runs with every run shrunk to 2 steps."""
+import json
 import os
 import subprocess
 import sys
@@ -92,3 +93,26 @@ def test_readme_debias_sensitivity_command_runs_as_written(tmp_path):
   for factor in ("prompt_sets", "k", "refresh_every", "tau"):  # one row per value varied
     assert f"| {factor} |" in table, table
   assert (workdir / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_readme_released_eval_command_runs_as_written(tmp_path, monkeypatch):
+  """The released-model `eval` as the README writes it, from the README's folder: a tiny random
+  transformers CLIPModel at its `path` and FairFace built from tiny files into the TFDS data dir
+  (given as a later override, as the README's reader has TFDS's default one)."""
+  from siglip_fair import cli  # pylint: disable=g-import-not-at-top
+  from siglip_fair.data import faces  # pylint: disable=g-import-not-at-top
+  from test_preprocess import _clip_folder  # pylint: disable=g-import-not-at-top
+  from test_released_eval import _fairface  # pylint: disable=g-import-not-at-top
+  (ev,) = [c for c in _commands("siglip_fair", "eval") if "configs/released.py" in c.block]
+  assert ev.program == "siglip_fair" and ev.argv[0] == "siglip-fair"
+  args = dict(kv.split("=", 1) for kv in ev.config.split(":", 1)[1].split(","))
+  assert args["source"] == "hf" and "fairface" in args["datasets"].split("+")
+  _clip_folder(tmp_path / args["path"])
+  faces.build("fairface", _fairface(tmp_path), tmp_path / "tfds")
+  argv = [os.path.join(REPO, w) if w.startswith("configs/") else w for w in ev.args]
+  monkeypatch.chdir(tmp_path)
+  assert cli.main(argv + [f"--config.data_dir={tmp_path / 'tfds'}"]) == 0
+  workdir = tmp_path / ev.argv[ev.argv.index("--workdir") + 1]
+  assert {"eval.json", "summary.md", "released.json"} <= set(os.listdir(workdir))
+  result = json.loads((workdir / "eval.json").read_text())
+  assert 0 <= result["fairface/gender_acc"] <= 1 and "fairface/race_maxskew@1000" in result
