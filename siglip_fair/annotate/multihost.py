@@ -182,6 +182,7 @@ def annotate_shards(annotator: zeroshot.ZeroShotAnnotator, params, source,
     embedder = LocalEmbedder(annotator.embed_images, params, annotator.cfg.batch_size, devices)
     prompt_embs = annotator.prompt_embeddings(params)
     temperature = annotator.temperature_fn(params)
+    t0 = time.perf_counter()  # the rates are of the images (compilation included)
     for start, stop in todo:
       t = time.perf_counter()
       emb = _range_embeddings(embedder, source, annotator.prepare, start, stop)
@@ -269,6 +270,40 @@ def combine_shards(text_dir: str | os.PathLike, image_dir: str | os.PathLike, ru
   return paths
 
 
+def _run_params(workdir: str, ema: bool = True):
+  """`train.checkpoint.load_params` for one process of a multi-process job.
+
+  Restoring without a target recreates the arrays with the shardings they were saved with,
+  over devices that another process owns (orbax then fails: "no addressable shards"); here
+  every array is restored onto this process's first device.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from siglip_fair.train import checkpoint  # pylint: disable=g-import-not-at-top
+  step = checkpoint.latest_step(workdir)
+  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
+  if step is None or not os.path.isdir(path):
+    raise FileNotFoundError(f"no complete checkpoint in {os.path.dirname(os.path.dirname(path))!r}"
+                            "; train a model there first.")
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  is_array = lambda m: hasattr(m, "shape") and hasattr(m, "dtype")  # noqa: E731
+  with ocp.StandardCheckpointer() as ckpt:
+    tree = ckpt.metadata(path).item_metadata.tree
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
+                          if is_array(m) else m, tree, is_leaf=is_array)
+    state = ckpt.restore(path, target)
+  key = "ema_params" if ema and state.get("ema_params") is not None else "params"
+  return jax.tree.map(np.asarray, state[key])
+
+
+def _run_annotator(cfg, model_config, tokenizer):
+  """`zeroshot.load_annotator` for a training run's workdir in a multi-process job."""
+  from siglip_fair.evaluate.base import preprocess_images  # pylint: disable=g-import-not-at-top
+  from siglip_fair.models.two_tower import embed_fns, make_model, temperature  # pylint: disable=g-import-not-at-top
+  embed_images, embed_texts = embed_fns(make_model(model_config))
+  return zeroshot.ZeroShotAnnotator(embed_images, embed_texts, tokenizer, temperature, cfg,
+                                    prepare=preprocess_images), _run_params(cfg.checkpoint)
+
+
 def _source_and_annotator(config, workdir: str):
   """(source, annotator, params, identity) for `images`: the training split (world or
   `config.train_data`) and the checkpoint in `config.annotate.zeroshot`."""
@@ -289,7 +324,10 @@ def _source_and_annotator(config, workdir: str):
     if jax.process_index() != 0:
       data = study.prepare_data(config, workdir)
     source, tokenizer = data.sources["train"], data.tokenizer
-  annotator, params = zeroshot.load_annotator(cfg, config.model, tokenizer)
+  if jax.process_count() > 1 and not zeroshot.is_released(cfg.checkpoint):
+    annotator, params = _run_annotator(cfg, config.model, tokenizer)
+  else:
+    annotator, params = zeroshot.load_annotator(cfg, config.model, tokenizer)
   identity = dict(checkpoint=os.path.abspath(cfg.checkpoint),
                   train_data=config.get("train_data") or "world")
   return source, annotator, params, identity
