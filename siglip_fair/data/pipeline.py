@@ -21,6 +21,7 @@ Checkpointing: iterators from `iter(train_dataset(...))` support
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -144,6 +145,26 @@ class InMemorySource:
 
   def __repr__(self) -> str:
     return f"InMemorySource(len={self._len}, fields={sorted(self._arrays)})"
+
+
+def workers_needed(batch_size: int, step_time_s: float, images_per_s_per_worker: float,
+                   headroom: float = 1.2) -> int:
+  """Input workers (grain threads or processes) that keep a device step of `step_time_s`
+  fed with `batch_size` examples: ceil(headroom * batch_size / (step_time_s * rate)), at least 1.
+
+  `images_per_s_per_worker` is one worker's measured decode + preprocess rate
+  (benchmarks/input_bench.py); `headroom` > 1 covers jitter and the host's other work. Workers
+  beyond the host's free cores do not add throughput, so compare the answer with those.
+  """
+  for name, value in (("batch_size", batch_size), ("step_time_s", step_time_s),
+                      ("images_per_s_per_worker", images_per_s_per_worker)):
+    if not (isinstance(value, (int, float, np.number)) and np.isfinite(value) and value > 0):
+      raise ValueError(f"workers_needed: {name}={value!r} must be a finite number > 0.")
+  if not (np.isfinite(headroom) and headroom >= 1):
+    raise ValueError(f"workers_needed: headroom={headroom!r} must be >= 1.")
+  needed = headroom * batch_size / (step_time_s * images_per_s_per_worker)
+  # The tiny tolerance keeps an exact integer ratio from rounding up by float error.
+  return max(1, math.ceil(needed - 1e-9))
 
 
 def normalize_image(image: np.ndarray) -> np.ndarray:

@@ -13,6 +13,12 @@ the returned state and `checkpoint.load_params` use; see `state.make_train_step`
 (default 1) and accum_mode ('cached' | 'micro', default 'cached'): gradient accumulation over
 micro-batches of the global batch (`accumulate`).
 
+Input wait. Each logged record has `input_wait_s`, the mean host time per step spent blocked in
+`next(train_iter)` since the last log, and `input_wait_frac`, its share of that window's wall
+time (the progress line shows it). Only the host's clock is read around the iterator, no device
+sync: near 0 while the device bounds the run, near 1 when the input pipeline does (then raise the
+pipeline's threads / workers: `pipeline.workers_needed`).
+
 Non-finite steps. Every step computes a finite flag on the device; the loop reads the flags of
 the steps since its last look (no per-step host sync) before it logs, evaluates or saves, so no
 checkpoint ever follows a bad step. 'stop' raises `NonFiniteError` naming the first bad step,
@@ -263,15 +269,21 @@ def _train(config, workdir, stop, train_iter, evaluate_fn, num_examples, stop_af
   bar = progress_bar(total, start, enabled=bool(config.get("progress", True)) and is_lead)
   clock, clock_step = time.perf_counter(), start
   step_seconds = 0.0  # training time since this (re)start, evaluation and saving excluded
+  input_wait = 0.0  # host seconds blocked in next(train_iter) since `clock`
   guard = _NonFiniteGuard(policy, manager, workdir, int(jax.device_get(state.nonfinite_steps)))
   step = start
   try:
     for step in range(start + 1, end + 1):
+      # Host time blocked on the input pipeline, before the step is dispatched. Dispatch is
+      # asynchronous, so while the device is the bottleneck the prefetched batch is ready and
+      # this is ~0; a large share of wall time here means input bounds the run.
+      waited = time.perf_counter()
       try:
         batch = next(train_iter)
       except StopIteration:
         raise ValueError(f"train_iter ran out of data at step {step} of {total}; make it "
                          "repeat, or shorten config.total.") from None
+      input_wait += time.perf_counter() - waited
       with memory.oom_hint(f"running train step {step}", config):
         # Placing the batch is the one host->device copy per step (multi-process placement
         # goes through a path the guard counts as implicit, so it stays outside). Inside, any
@@ -302,12 +314,15 @@ def _train(config, workdir, stop, train_iter, evaluate_fn, num_examples, stop_af
         step_seconds += now - clock
         record["steps_per_sec"] = (step - clock_step) / max(now - clock, 1e-9)
         record["examples_per_sec"] = record["steps_per_sec"] * config.batch_size
+        # Mean input wait per step over the window, and its share of the window's wall time.
+        record["input_wait_s"] = input_wait / max(step - clock_step, 1)
+        record["input_wait_frac"] = min(input_wait / max(now - clock, 1e-9), 1.0)
         # Device-hours spent training since this (re)start: the cost figure of scale sweeps.
         record["core_hours"] = step_seconds * jax.device_count() / 3600.0
         utilisation = flops_lib.mfu(step_flops, record["steps_per_sec"], peak)
         if utilisation is not None:
           record["mfu"] = utilisation
-        bar.set_postfix(loss=f"{record['loss']:.4f}")
+        bar.set_postfix(loss=f"{record['loss']:.4f}", input=f"{record['input_wait_frac']:.0%}")
         if bar.disable and config.get("progress", True) and is_lead:
           print(progress_line(step, total, record["steps_per_sec"], record), flush=True)
       if evaluating:
@@ -327,6 +342,7 @@ def _train(config, workdir, stop, train_iter, evaluate_fn, num_examples, stop_af
         raise signals.preempted(step, stop, is_lead)
       if record or saving:
         clock, clock_step = time.perf_counter(), step  # steps/s excludes eval and saving
+        input_wait = 0.0
   finally:
     manager.wait_until_finished()
     manager.close()

@@ -104,14 +104,31 @@ def progress_bar(total: int, initial: int, enabled: bool = True):
                    unit="step", dynamic_ncols=True, smoothing=0.1)
 
 
+# Share of wall time blocked on input above which the progress line says the run is input-bound.
+INPUT_BOUND_FRAC = 0.5
+
+
+def input_wait_text(metrics: dict) -> str:
+  """'input wait 12%' (with ', input-bound' from INPUT_BOUND_FRAC on) from `input_wait_frac`;
+  '' when the metrics do not have it."""
+  frac = metrics.get("input_wait_frac")
+  if frac is None:
+    return ""
+  bound = ", input-bound" if frac >= INPUT_BOUND_FRAC else ""
+  return f"input wait {100 * frac:.0f}%{bound}"
+
+
 def progress_line(step: int, total: int, steps_per_sec: float, metrics: dict) -> str:
-  """One log line for runs without a terminal: step, %, steps/s, ETA and the loss."""
+  """One log line for runs without a terminal: step, %, loss, steps/s, the share of time spent
+  waiting for input (`input_wait_frac`) and the ETA."""
   remaining = (total - step) / max(steps_per_sec, 1e-9)
   eta = f"{int(remaining // 60)}m{int(remaining % 60):02d}s"
   loss = metrics.get("loss")
   shown = f" loss {loss:.4f}" if loss is not None else ""
+  wait = input_wait_text(metrics)
+  wait = f" ({wait})" if wait else ""
   return (f"step {step}/{total} ({100 * step / total:.0f}%){shown} "
-          f"{steps_per_sec:.2f} steps/s ETA {eta}")
+          f"{steps_per_sec:.2f} steps/s{wait} ETA {eta}")
 
 
 def start_line(start: int, total: int) -> str:
