@@ -5,7 +5,7 @@ in-memory path (`ZeroShotAnnotator.annotate`) and `combine.combine` on in-memory
 
 This file is also the child of the two-process test:
 
-    python tests/test_annotate_multihost.py PROCESS_ID PORT OUT_DIR
+    python tests/test_annotate_multihost.py PROCESS_ID PORT OUT_DIR RUN_DIR
 """
 import json
 import os
@@ -64,6 +64,24 @@ def _files(folder):
           if f.endswith(".parquet")}
 
 
+def _save_run(run, params):
+  """A training run's checkpoint layout (train/checkpoint.py) holding `params` as the moving
+  average, and other raw params (not to be used), both replicated over every device."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from siglip_fair.train import checkpoint  # pylint: disable=g-import-not-at-top
+  everywhere = NamedSharding(jax.make_mesh((len(jax.devices()),), ("d",)), P())
+  state = {"params": jax.tree.map(lambda x: -x, params), "ema_params": params,
+           "step": np.int32(3)}
+  with checkpoint.make_manager(run) as manager:
+    manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(
+        jax.device_put(state, everywhere))))
+    manager.wait_until_finished()
+  loaded = checkpoint.load_params(run)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded),
+                                                  jax.tree.leaves(params)))
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -84,10 +102,14 @@ def test_two_processes_write_the_one_process_shards_which_equal_the_in_memory_pa
   assert 0.2 < reference["known"].mean() < 0.95
   assert len(np.unique(reference["y"].argmax(1))) > 2 and 0 < reference["w"].mean() < 1
 
+  # The children read the params from a run's checkpoint saved here with arrays on all 8 of
+  # this process's devices, which no child has (each has 2): restored onto each child's own.
+  run = str(tmp_path / "run")
+  _save_run(run, params)
   port, env = _free_port(), dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))))
   procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(i), str(port),
-                             str(tmp_path / "two")], env=env, stdout=subprocess.PIPE,
+                             str(tmp_path / "two"), run], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
   logs = [p.communicate(timeout=900)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
@@ -212,11 +234,12 @@ def test_shard_folders_with_gaps_or_other_rows_are_refused(tmp_path):
 
 
 def _child():
-  pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+  pid, port, out, run = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
   jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
                              process_id=pid, initialization_timeout=300)
   assert jax.process_count() == 2 and len(jax.local_devices()) == 2
-  annotator, params, source = setup()
+  annotator, _, source = setup()
+  params = multihost._run_params(run)  # pylint: disable=protected-access
   summary = multihost.annotate_shards(annotator, params, source, out, shard_size=SHARD)
   print(json.dumps(summary), flush=True)
   jax.distributed.shutdown()
