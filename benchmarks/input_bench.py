@@ -14,7 +14,8 @@ pipeline exposes, grain's `ReadOptions.num_threads` ("threads"), and grain's pro
   jpeg_224 / jpeg_32 a corpus of JPEGs of 256-512 px (smooth random scenes, random aspect
                    ratios) written as a webdataset tar and imported with `data/imports.py` at
                    224 and 32 px: each read decodes the stored JPEG.
-The import itself (decode the 256-512 px originals, crop, resize, re-encode) is timed too.
+The import itself (decode the 256-512 px originals, crop, resize, re-encode) is timed too, and
+so is reading (decoding) each source alone, without the pipeline's preprocessing.
 
 Figures per run: images/s (wall), images per CPU-second of every thread and worker process
 (= images/s per fully used core, the figure that stays put when other jobs share the cores)
@@ -74,6 +75,19 @@ def measure(make_iter, batch, seconds, workers):
   return dict(images=n, wall_s=round(wall, 2), cpu_s=round(cpu, 2),
               images_per_s=round(n / wall, 1), images_per_cpu_s=round(n / max(cpu, 1e-9), 1),
               images_per_s_per_worker=round(n / wall / workers, 1))
+
+
+def decode_rate(source, count, seed=0):
+  """Records read (and, for JPEG sources, decoded) per CPU-second, in random order in the
+  calling thread, without the pipeline's preprocessing: the decode part of the per-core rate."""
+  idx = np.random.default_rng(seed).permutation(len(source))[:count].tolist()
+  getitems = getattr(source, "__getitems__", None)
+  read = (lambda keys: getitems(keys)) if getitems else (lambda keys: [source[i] for i in keys])
+  read(idx[:8])  # opens the files
+  cpu0 = time.process_time()
+  for start in range(0, len(idx), 64):
+    read(idx[start:start + 64])
+  return round(len(idx) / max(time.process_time() - cpu0, 1e-9), 1)
 
 
 def write_jpeg_shard(path, count, seed):
@@ -189,11 +203,14 @@ def main():
   runs = []
   counts = [int(w) for w in args.workers.split(",")]
   kinds = ("threads",) if args.no_processes else ("threads", "processes")
-  wanted = args.pipelines.split(",")
+  wanted, decodes = args.pipelines.split(","), {}
   for name, source in sources.items():
     if name not in wanted:
       continue
     px = source[0]["image"].shape[0]
+    decode = decode_rate(source, min(len(source), 2048))
+    print(f"{name}: read + decode {decode} records per CPU-second", flush=True)
+    decodes[name] = decode
     batch = 64 if px >= 128 else 128  # the demo's batch at 32 px; B/16-sized images: 64
     for kind in kinds:
       for k in counts:
@@ -236,7 +253,8 @@ def main():
     print(f"worked example ({time.perf_counter() - start:.1f} s): {example}", flush=True)
   print(json.dumps(dict(
       cpu_count=os.cpu_count(), load_avg=[round(v, 2) for v in os.getloadavg()],
-      grain=grain.__version__, per_core_images_per_s=rates, import_conversion=conversion,
+      grain=grain.__version__, per_core_images_per_s=rates,
+      decode_only_per_cpu_s=decodes, import_conversion=conversion,
       runs=runs, worked_example=example,
       rule="workers = ceil(headroom * batch / (step_time_s * per_worker_images_per_s)), "
            "headroom 1.2 (pipeline.workers_needed)")))
