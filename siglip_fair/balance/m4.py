@@ -360,7 +360,7 @@ def balance(ann: dict, config, key: jax.Array, *, names: dict | None = None) -> 
   ann: annotations (docs/ARCHITECTURE.md): s [N, m], known [N] or [N, m], y [N, c],
   w [N, p], u [N]. config: like `default_config()`. names: optional dict(groups=[m],
   labels=[c], proxies=[p]) for readable constraint names in the card.
-  q depends only on (ann, config), so `stream.keep_mask(result.q, other_key)` redraws the
+  q depends only on (ann, config), so `draws.keep_mask(result.q, other_key)` redraws the
   subset. The same as `stream.balance_stream` on one in-memory shard.
   """
   from siglip_fair.balance import stream  # pylint: disable=g-import-not-at-top
