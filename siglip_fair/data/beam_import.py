@@ -53,10 +53,12 @@ _SCHEMA = pa.schema([("position", pa.int64()), ("key", pa.string()), ("image", p
                      ("captions", pa.list_(pa.binary()))])
 
 
-def unit_fingerprint(kind: str, path: str, image_size: int) -> str:
-  """sha256 of what one input's converted records depend on (see the module docstring)."""
-  described = imports.fingerprint(kind, [path], image_size)
-  return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+def unit_fingerprints(described: dict) -> list[str]:
+  """sha256 per input of what its converted records depend on, from the import's fingerprint
+  (`imports.fingerprint`: kind, image_size, format and the input's path, size, mtime and, for a
+  manifest, its images'), so nothing is stat-ed twice."""
+  return [hashlib.sha256(json.dumps({**described, "inputs": [item]}, sort_keys=True).encode()
+                         ).hexdigest() for item in described["inputs"]]
 
 
 def _entries(kind: str, path: str):
@@ -82,14 +84,9 @@ def convert_unit(kind: str, path: str, image_size: int) -> tuple[pa.Table, dict]
   return pa.table(rows, schema=_SCHEMA), report
 
 
-def _staged_path(staging: str, kind: str, path: str, image_size: int) -> str:
-  return os.path.join(staging, unit_fingerprint(kind, path, image_size) + ".parquet")
-
-
-def staged_unit(staging: str, kind: str, path: str, image_size: int) -> tuple[pa.Table, dict]:
-  """A unit's records and report: read from the staging folder when a finished conversion of
-  the same input is there, else converted and written there atomically (temp file + rename)."""
-  target = _staged_path(staging, kind, path, image_size)
+def staged_unit(target: str, kind: str, path: str, image_size: int) -> tuple[pa.Table, dict]:
+  """A unit's records and report: read from `target` (its staged file) when a finished
+  conversion of the same input is there, else converted and written there atomically."""
   if os.path.exists(target):
     table = pq.read_table(target)
     return table, json.loads(table.schema.metadata[b"report"])
@@ -102,9 +99,9 @@ def staged_unit(staging: str, kind: str, path: str, image_size: int) -> tuple[pa
 
 
 def _examples_of_unit(item, kind: str, staging: str, image_size: int):
-  """(int key, record) of every kept entry of unit `item` = (unit index, path)."""
-  index, path = item
-  table, _ = staged_unit(staging, kind, path, image_size)
+  """(int key, record) of every kept entry of unit `item` = (unit index, path, fingerprint)."""
+  index, path, fingerprint = item
+  table, _ = staged_unit(os.path.join(staging, fingerprint + ".parquet"), kind, path, image_size)
   base = index << _POSITION_BITS
   for row in table.to_pylist():
     yield base + row["position"], {"image": row["image"], "captions": row["captions"],
@@ -114,13 +111,13 @@ def _examples_of_unit(item, kind: str, staging: str, image_size: int):
 class _ConvertUnits(beam.PTransform):
   """Pipeline root -> PCollection of (int key, record), one unit per element."""
 
-  def __init__(self, kind, inputs, staging, image_size):
+  def __init__(self, kind, units, staging, image_size):
     super().__init__()
-    self.kind, self.inputs, self.staging, self.image_size = kind, inputs, staging, image_size
+    self.kind, self.units, self.staging, self.image_size = kind, units, staging, image_size
 
   def expand(self, pipeline):
     return (pipeline
-            | "Units" >> beam.Create(list(enumerate(self.inputs)))
+            | "Units" >> beam.Create([(i, *unit) for i, unit in enumerate(self.units)])
             | "Spread" >> beam.Reshuffle()  # one unit per worker at a time, not all on one
             | "Convert" >> beam.FlatMap(_examples_of_unit, kind=self.kind, staging=self.staging,
                                         image_size=self.image_size))
@@ -131,20 +128,21 @@ class BeamImageTextPairs(imports.ImageTextPairs, skip_registration=True):
   records); `download_and_prepare(download_config=DownloadConfig(beam_runner=...,
   beam_options=...))` picks the runner."""
 
-  def __init__(self, *, kind: str, inputs: Sequence[str], staging: str, image_size: int = 224,
-               **kwargs):
-    self._kind, self._inputs, self._staging = kind, list(inputs), staging
+  def __init__(self, *, kind: str, units: Sequence[tuple[str, str]], staging: str,
+               image_size: int = 224, **kwargs):
+    """units: (absolute input path, its fingerprint) in input order."""
+    self._kind, self._units, self._staging = kind, list(units), staging
     super().__init__(image_size=image_size, **kwargs)
 
   def _generate_examples(self):
-    return _ConvertUnits(self._kind, self._inputs, self._staging, self._image_size)
+    return _ConvertUnits(self._kind, self._units, self._staging, self._image_size)
 
 
-def merged_report(kind: str, inputs: Sequence[str], staging: str, image_size: int) -> dict:
+def merged_report(staging: str, fingerprints: Sequence[str]) -> dict:
   """The import report of all units, merged in unit order (equal to imports' report)."""
   kept, skipped, examples = 0, {}, {}
-  for path in inputs:
-    meta = pq.read_schema(_staged_path(staging, kind, path, image_size)).metadata
+  for fingerprint in fingerprints:
+    meta = pq.read_schema(os.path.join(staging, fingerprint + ".parquet")).metadata
     report = json.loads(meta[b"report"])
     kept += report["kept"]
     for reason, count in report["skipped"].items():
@@ -185,25 +183,28 @@ def beam_import(kind: str, inputs: Sequence[str] | str, data_dir: str, *, name: 
     if old == wanted and os.path.exists(os.path.join(out, "dataset_info.json")):
       print(f"beam import: reusing {out} (same inputs)")
       return out
+    print(f"beam import: {out} was built from other inputs; rebuilding")
+  fingerprints = unit_fingerprints(wanted)
   os.makedirs(staging_units, exist_ok=True)
   staging = tempfile.mkdtemp(dir=data_dir, prefix=f".import_{name}.")
   try:
     builder = type(name, (BeamImageTextPairs,), {"name": name, "__module__": _MODULE},
                    skip_registration=True)(
-        kind=kind, inputs=[os.path.abspath(p) for p in inputs], staging=staging_units,
+        kind=kind, units=list(zip(map(os.path.abspath, inputs), fingerprints)),
+        staging=staging_units,
         image_size=image_size, data_dir=staging, file_format="array_record")
     config = tfds.download.DownloadConfig(beam_options=pipeline_options(beam_args))
     try:
       builder.download_and_prepare(download_config=config)
     except Exception:
-      report = _report_or_none(kind, inputs, staging_units, image_size)
+      report = _report_or_none(staging_units, fingerprints)
       if report is not None and report["kept"] == 0:
         raise ValueError(
             f"import {name!r}: no usable pairs in {inputs}, every entry was skipped (skipped: "
             f"{report['skipped']}; e.g. {report['examples']}); each image must decode and have "
             "a non-empty UTF-8 caption. Nothing was written.") from None
       raise
-    report = merged_report(kind, [os.path.abspath(p) for p in inputs], staging_units, image_size)
+    report = merged_report(staging_units, fingerprints)
     staged = os.fspath(builder.data_dir)
     atomic_write(os.path.join(staged, "import_report.json"), json.dumps(report, indent=1))
     atomic_write(os.path.join(staged, "import_fingerprint.json"), json.dumps(wanted, indent=1))
@@ -218,9 +219,9 @@ def beam_import(kind: str, inputs: Sequence[str] | str, data_dir: str, *, name: 
   return out
 
 
-def _report_or_none(kind, inputs, staging, image_size):
+def _report_or_none(staging, fingerprints):
   try:
-    return merged_report(kind, [os.path.abspath(p) for p in inputs], staging, image_size)
+    return merged_report(staging, fingerprints)
   except (OSError, KeyError, ValueError):
     return None
 

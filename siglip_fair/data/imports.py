@@ -22,10 +22,8 @@ in, so a failed rebuild leaves the old dataset.
     path = imports.import_pairs("webdataset", ["shards/00000.tar"], "~/data", name="laion_s")
     source = imports.data_source(path)            # random access; pipeline.train_dataset(source)
 
-Web scale: the builder is an ordinary TFDS builder, so TFDS's Beam integration runs the same
-conversion on a cluster (`tfds build` with `--beam_pipeline_options`, e.g. Dataflow); for up to
-a few hundred million pairs, running `import_pairs` per group of shards with one output name per
-group and listing the folders as separate sources is simpler.
+Web scale: `data/beam_import.py` runs the same conversion as an Apache Beam pipeline (one unit
+per input, resumable per unit), writing records equal to this module's; docs/WEBSCALE.md.
 """
 from __future__ import annotations
 
