@@ -140,6 +140,9 @@ def annotate_text(dataset: str, out_dir: str, *, shard_size: int = 100_000,
     raise ValueError(f"shard_size={shard_size} must be >= 1.")
   if caption_index < 0:
     raise ValueError(f"caption_index={caption_index} must be >= 0.")
+  if not os.path.exists(os.path.join(os.path.expanduser(dataset), "dataset_info.json")):
+    raise FileNotFoundError(f"{dataset!r} is not an imported dataset (no dataset_info.json); "
+                            "give the folder <data_dir>/<name>/1.0.0 that the import wrote.")
   n = len(open_captions(dataset))
   if utility is not None:
     rows = len(_utility_column(*utility))
