@@ -312,14 +312,20 @@ def test_released_overrides_and_errors(tmp_path, spm_path):
     released.resolve(str(tmp_path))
 
 
-def test_big_vision_npz_resolves_to_its_preset(tmp_path, spm_path):
+def big_vision_npz(path, *, max_len, scan=None):
+  """A tiny big_vision SigLIP .npz with the released head structure (MAP pooling and no image
+  head, a text head, text padding 'none'; 16 px images at patch 4, 60 tokens) at `path`:
+  (its path, the params it holds). scan as in big_vision.save_npz."""
   config = ml_collections.ConfigDict(dict(
       image=dict(variant="mu/4", pool="map", head="none"),
-      text=dict(variant="mu", vocab_size=60, max_len=10, padding="none"), embed_dim=32))
-  model = make_model(config)
-  params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 16, 16, 3)),
-                               np.zeros((1, 10), np.int32))
-  path = big_vision.save_npz(tmp_path / "s.npz", params["params"], scan=True)
+      text=dict(variant="mu", vocab_size=60, max_len=max_len, padding="none"), embed_dim=32))
+  params = jax.jit(make_model(config).init)(jax.random.key(0), np.zeros((1, 16, 16, 3)),
+                                            np.zeros((1, max_len), np.int32))["params"]
+  return big_vision.save_npz(path, params, scan=scan), params
+
+
+def test_big_vision_npz_resolves_to_its_preset(tmp_path, spm_path):
+  path, params = big_vision_npz(tmp_path / "s.npz", max_len=10, scan=True)
   with pytest.raises(ValueError, match="carries no tokenizer.*tokenizer.path"):
     released.make_tokenizer(released.resolve(path))
   spec = released.resolve(path, tokenizer=dict(path=spm_path))
@@ -330,4 +336,4 @@ def test_big_vision_npz_resolves_to_its_preset(tmp_path, spm_path):
   tok = released.make_tokenizer(spec)
   assert tok.pad_id == tok.eos_id == 1
   loaded = released.load_params(spec)
-  jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, params["params"]))
+  jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, params))

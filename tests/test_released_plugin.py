@@ -17,14 +17,14 @@ from configs import siglip as siglip_config
 from siglip_fair.annotate import zeroshot
 from siglip_fair.debias import infer
 from siglip_fair.evaluate import metrics
-from siglip_fair.models import big_vision, make_model, released
+from siglip_fair.models import make_model, released
 from siglip_fair.models.posemb import resize_posemb
 from siglip_fair.train import checkpoint
 from siglip_fair.train.loop import train
 from siglip_fair.train.optim import make_optimizer
 from siglip_fair.train.state import make_init_fn
 
-from test_preprocess import _clip_folder, clip_bpe
+from test_preprocess import _clip_folder, big_vision_npz, clip_bpe
 
 ATOL = 1e-4
 
@@ -133,13 +133,7 @@ def test_debias_infers_with_a_released_checkpoint(clip, tmp_path):
 
 
 def test_debias_big_vision_kind_defaults_to_the_checkpoint_resolution(tmp_path):
-  model_config = ml_collections.ConfigDict(dict(
-      image=dict(variant="mu/4", pool="map", head="none"),
-      text=dict(variant="mu", vocab_size=60, max_len=8, padding="none"), embed_dim=32))
-  model = make_model(model_config)
-  params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 16, 16, 3)),
-                               np.zeros((1, 8), np.int32))
-  npz = big_vision.save_npz(tmp_path / "s.npz", params["params"])
+  npz, params = big_vision_npz(tmp_path / "s.npz", max_len=8)
   from siglip_fair.data.tokenizer import train_sentencepiece  # pylint: disable=g-import-not-at-top
   spm = train_sentencepiece(iter(["a photo of a cat", "a red dog"] * 50), 30,
                             str(tmp_path / "t.model"))
@@ -152,7 +146,7 @@ def test_debias_big_vision_kind_defaults_to_the_checkpoint_resolution(tmp_path):
   config.clip.resize_posemb = True
   handle = infer.load_two_tower(config.clip, str(tmp_path))
   np.testing.assert_allclose(handle.params["img"]["pos_embedding"],
-                             resize_posemb(params["params"]["img"]["pos_embedding"], (6, 6)))
+                             resize_posemb(params["img"]["pos_embedding"], (6, 6)))
 
 
 def _batches(image_size, max_len, vocab, batch=8):
