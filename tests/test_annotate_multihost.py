@@ -113,7 +113,9 @@ def test_two_processes_write_the_one_process_shards_which_equal_the_in_memory_pa
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
   logs = [p.communicate(timeout=900)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
-  summaries = [json.loads(log.strip().splitlines()[-1]) for log in logs]
+  # The summary line; warnings of the shutdown may follow it.
+  summaries = [json.loads(next(line[len("SUMMARY "):] for line in log.splitlines()
+                               if line.startswith("SUMMARY "))) for log in logs]
   # Process 0 writes ranges 0, 2, 4, 6, 8 (the last of 8 rows); process 1 ranges 1, 3, 5, 7.
   assert [(s["written"], s["rows"]) for s in summaries] == [(5, 4 * SHARD + 8), (4, 4 * SHARD)]
   assert summaries[0]["complete"] and "rows/s" in logs[0]
@@ -154,13 +156,13 @@ def test_a_resume_with_other_settings_is_refused(tmp_path):
   try:
     multihost.annotate_shards(other, params, source, tmp_path, shard_size=50)
   except ValueError as e:
-    assert "min_margin" in str(e) and "new output folder" in str(e)
+    assert "zeroshot.min_margin=0.25 there, 0.3 now" in str(e) and "shard_size" not in str(e)
   else:
     raise AssertionError("a resume with another min_margin was accepted")
   try:
     multihost.annotate_shards(annotator, params, source, tmp_path, shard_size=40)
   except ValueError as e:
-    assert "shard_size" in str(e)
+    assert "shard_size=50 there, 40 now" in str(e) and "min_margin" not in str(e)
   else:
     raise AssertionError("a resume with another shard_size was accepted")
   assert len(_files(tmp_path)) == 1
@@ -202,9 +204,14 @@ def test_combining_text_and_image_shards_by_row_equals_combine_in_memory(tmp_pat
       np.testing.assert_array_equal(got[k], want[k], err_msg=f"{rule} {k}")
     np.testing.assert_array_equal(got["u"], text["u"])
     assert sum(len(s) for s in shards.as_shards(str(out))) == N  # what M4 streams
+  # The command line writes the same files.
+  assert multihost.main(["combine", "--text", str(tmp_path / "text2"), "--image",
+                         str(tmp_path / "image"), "--rule", "text_first", "--output",
+                         str(tmp_path / "cli")]) == 0
+  assert _files(tmp_path / "cli") == _files(tmp_path / "text_first")
 
 
-def test_shard_folders_with_gaps_or_other_rows_are_refused(tmp_path):
+def test_shard_folders_with_gaps_or_other_rows_are_refused(tmp_path, capsys):
   text = _text_annotations(0)
   _write(text, tmp_path / "text", 50)
   _write({k: v[:150] for k, v in text.items()}, tmp_path / "short", 50, prefix="image")
@@ -231,6 +238,13 @@ def test_shard_folders_with_gaps_or_other_rows_are_refused(tmp_path):
     else:
       raise AssertionError(f"no error for {match!r}")
   assert not os.path.exists(out)
+  # The command line: exit status 1 and the message, no traceback.
+  assert multihost.main(["combine", "--text", str(tmp_path / "text"), "--image",
+                         str(tmp_path / "image"), "--rule", "both", "--output", str(out)]) == 1
+  assert "rows [80, 120) are missing" in capsys.readouterr().err
+  assert multihost.main(["images", "--workdir", str(tmp_path / "w")]) == 1
+  assert "zeroshot.checkpoint is required" in capsys.readouterr().err
+  assert not os.path.exists(out) and not os.path.exists(tmp_path / "w")
 
 
 def _child():
@@ -241,7 +255,7 @@ def _child():
   annotator, _, source = setup()
   params = multihost._run_params(run)  # pylint: disable=protected-access
   summary = multihost.annotate_shards(annotator, params, source, out, shard_size=SHARD)
-  print(json.dumps(summary), flush=True)
+  print("SUMMARY " + json.dumps(summary), flush=True)
   jax.distributed.shutdown()
 
 

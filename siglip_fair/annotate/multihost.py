@@ -103,7 +103,11 @@ def _range_embeddings(embedder: LocalEmbedder, source, prepare: Callable, start:
   next step overlap the devices' work on this one."""
   out, pending = [], None
   for a in range(start, stop, embedder.step_rows):
-    images = np.stack([source[i]["image"] for i in range(a, min(a + embedder.step_rows, stop))])
+    rows = list(range(a, min(a + embedder.step_rows, stop)))
+    # One batched read where the source has it (ArrayRecord data sources: parallel reads).
+    records = (source.__getitems__(rows) if hasattr(source, "__getitems__")
+               else [source[i] for i in rows])
+    images = np.stack([r["image"] for r in records])
     dispatched = embedder(np.asarray(prepare(images), np.float32))
     if pending is not None:
       out.append(np.asarray(pending[0], np.float32)[:pending[1]])
@@ -112,18 +116,27 @@ def _range_embeddings(embedder: LocalEmbedder, source, prepare: Callable, start:
   return np.concatenate(out)
 
 
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
+  return out
+
+
 def _check_manifest(path: str, settings: Mapping[str, Any]) -> bool:
-  """Whether `path` holds `settings`; False when absent; ValueError when it holds others."""
+  """Whether `path` holds `settings`; False when absent; ValueError naming the settings that
+  differ when it holds others."""
   if not os.path.exists(path):
     return False
   with open(path) as f:
-    found = json.load(f)
-  if found != settings:
-    diff = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
-    raise ValueError(f"{path!r} was written by a run with other settings ({diff}: "
-                     f"{ {k: found.get(k) for k in diff} } there, "
-                     f"{ {k: settings.get(k) for k in diff} } now); its shards would mix two "
-                     "annotations. Use a new output folder, or the first run's settings.")
+    found, now = _flat(json.load(f)), _flat(settings)
+  diff = sorted(k for k in set(found) | set(now) if found.get(k) != now.get(k))
+  if diff:
+    raise ValueError(f"{path!r} was written by a run with other settings: "
+                     + "; ".join(f"{k}={found.get(k)!r} there, {now.get(k)!r} now"
+                                 for k in diff[:5])
+                     + ". Its shards would mix two annotations: use a new output folder, or "
+                     "the first run's settings.")
   return True
 
 
@@ -159,6 +172,9 @@ def annotate_shards(annotator: zeroshot.ZeroShotAnnotator, params, source,
     raise ValueError(f"process_index={index} must lie in [0, process_count={count}).")
   n = len(source)
   ranges = shard_ranges(n, shard_size)
+  if "image" not in source[0]:
+    raise ValueError(f"the source's records have no 'image' field; they have "
+                     f"{sorted(source[0])}.")
   cfg = annotator.cfg.to_dict() if hasattr(annotator.cfg, "to_dict") else dict(annotator.cfg)
   cfg.pop("batch_size", None)  # changes no annotation
   settings = json.loads(json.dumps(dict(rows=n, shard_size=int(shard_size), prefix=prefix,
@@ -330,6 +346,9 @@ def _source_and_annotator(config, workdir: str):
     annotator, params = zeroshot.load_annotator(cfg, config.model, tokenizer)
   identity = dict(checkpoint=os.path.abspath(cfg.checkpoint),
                   train_data=config.get("train_data") or "world")
+  if not zeroshot.is_released(cfg.checkpoint):  # a run that trains on changes its weights
+    from siglip_fair.train import checkpoint  # pylint: disable=g-import-not-at-top
+    identity["step"] = checkpoint.latest_step(cfg.checkpoint)
   return source, annotator, params, identity
 
 
@@ -345,7 +364,8 @@ def _parser() -> argparse.ArgumentParser:
   images.add_argument("--workdir", required=True, help="the study's workdir (data, tokenizer)")
   images.add_argument("--output", default=None,
                       help="shard folder (default <workdir>/annotations_image)")
-  images.add_argument("--shard_size", type=int, default=65536)
+  images.add_argument("--shard_size", type=int, default=100_000,
+                      help="rows per shard (the Beam text annotation's default too)")
   images.add_argument("--max_shards", type=int, default=None,
                       help="stop after writing this many shards per process (rerun to go on)")
   images.add_argument("--distributed", action="store_true",
