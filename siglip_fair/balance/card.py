@@ -18,7 +18,7 @@ the targets feasible, and this q is optimal for them within `convergence.gap`: a
 Among all relaxations that make the targets feasible, this one has the smallest total
 Σ (relax_to − ε) once V is past the point where the violated set settles (V's L1 penalty picks
 it); fewer constraints might do with larger relaxations, which only a combinatorial search
-finds. `convergence` says whether the exact phase met its criterion (dual.converge) and gives
+finds. `convergence` says whether the exact phase met its criterion (convergence.converge) and gives
 the KKT residual and the gap on all N rows.
 Quantities with no support (e.g. a label no known example has) are None.
 """

@@ -14,16 +14,16 @@ The dual is maximised in two phases (dual.py, data-parallel over a device mesh),
 functions of (duals, mini-batch):
   1. projected stochastic ascent, SPEC's update, over shuffled fixed-size padded mini-batches
      (`dual.dual_step` under `lax.scan`), with a 1/t step and tail averaging;
-  2. the exact phase (`dual.converge`): accelerated (FISTA) proximal ascent on exact full-data
-     gradients, each step one pass, run until a stated criterion holds: the KKT residual
+  2. the exact phase (`convergence.converge`): accelerated (FISTA) proximal ascent on exact
+     full-data gradients, each step one pass, run until a stated criterion holds: the KKT residual
      (every constraint's optimality condition, in moment units, `card.kkt_residual`) at most
      optim.kkt_tol = 1e-7, or stalled below optim.kkt_stall = 1e-5 (float32's floor); at most
      optim.refine_steps steps; the card reports `converged`, the residual and a gap. It climbs
      a ladder of caps 1, 10, ..., V: past the cap where the set of violated constraints
      settles the solution is affine in V, so each rung starts where the last one's tangent
-     (`dual.tangent`, from the dual's curvature `dual.hessian`) points, and the climb stops
-     once q no longer moves with the cap, where float32 still resolves q (duals of 10³ would
-     round it at ~10⁻⁴); the prices at V follow by extrapolation. A cold start at V = 10³ had
+     (`convergence.tangent`, from the dual's curvature `convergence.hessian`) points, and the
+     climb stops once q no longer moves with the cap, where float32 still resolves q (duals
+     of 10³ would round it at ~10⁻⁴); the prices at V follow by extrapolation. A cold start at V = 10³ had
      to climb there in steps of the natural dual scale and stopped short of the cap.
 Steps are Jacobi-scaled (coordinate j moves by lr / E[a_j²]) and then by 1 / L, where L is the
 largest eigenvalue of the scaled Gram matrix E[ã ãᵀ], ã = [1; b], an upper bound on the dual
@@ -83,16 +83,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.lr = 1.0            # stochastic step in units of 1 / L (Jacobi-scaled), ...
   c.optim.decay_steps = 100   # ... decayed as lr / (1 + t / decay_steps).
   c.optim.average_from = 0.5  # average the stochastic iterates over the last half.
-  # The exact phase (dual.converge): FISTA on exact full-data gradients (each step one pass)
-  # until the KKT residual (card.kkt_residual: how far each constraint is from its optimality
+  # The exact phase (convergence.converge): FISTA on exact full-data gradients (each step one
+  # pass) until the KKT residual (card.kkt_residual: how far each constraint is from its optimality
   # condition, in moment units, and |E[q] − η|) is at most kkt_tol, checked every check_every
   # steps, at most refine_steps steps. A residual that stops improving (8 checks in a row gain
   # under 10 %) below kkt_stall has met float32's floor (q rounds at ~2⁻²⁴·|µ| per example,
   # and µ reaches ~10³ with duals at the cap): that converges too. The card says whether it
   # `converged`. The caps ladder_start, × ladder_factor, ..., V are solved in turn
-  # (dual.ladder; ladder_start 0: V alone), each from the last one's solution moved along the
-  # solution path; the climb stops once two rungs agree on every constraint's status and on q
-  # to settle_tol (then q is the same at V, dual.converge).
+  # (convergence.ladder; ladder_start 0: V alone), each from the last one's solution moved along
+  # the solution path; the climb stops once two rungs agree on every constraint's status and on q
+  # to settle_tol (then q is the same at V, convergence.converge).
   c.optim.refine_steps = 3000
   c.optim.kkt_tol = 1e-7
   c.optim.kkt_stall = 1e-5

@@ -461,7 +461,7 @@ def balance_stream(source, config, key: jax.Array, *, names: dict | None = None,
   q, mu, keep, sums = certify(lam)
   info["seconds"] = seconds
   # The prices at V: the duals q came from, moved along the solution path when the solution
-  # settled at a lower cap (dual.converge; µ keeps the budget shift the bisection made).
+  # settled at a lower cap (convergence.converge; µ keeps the budget shift the bisection made).
   v = jax.tree.map(lambda x: np.stack([np.maximum(x, 0), np.maximum(-x, 0)]).astype(np.float32),
                    jax.tree.map(np.asarray, solution.lam_v))
   duals = dict(v=v, mu=float(mu) + solution.mu_v - solution.mu)
