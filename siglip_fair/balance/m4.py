@@ -23,8 +23,9 @@ functions of (duals, mini-batch):
      settles the solution is affine in V, so each rung starts where the last one's tangent
      (`convergence.tangent`, from the dual's curvature `convergence.hessian`) points, and the
      climb stops once q no longer moves with the cap, where float32 still resolves q (duals
-     of 10³ would round it at ~10⁻⁴); the prices at V follow by extrapolation. A cold start at V = 10³ had
-     to climb there in steps of the natural dual scale and stopped short of the cap.
+     of 10³ would round it at ~10⁻⁴); the prices at V follow by extrapolation. A cold start
+     at V = 10³ had to climb there in steps of the natural dual scale and stopped short of
+     the cap.
 Steps are Jacobi-scaled (coordinate j moves by lr / E[a_j²]) and then by 1 / L, where L is the
 largest eigenvalue of the scaled Gram matrix E[ã ãᵀ], ã = [1; b], an upper bound on the dual
 curvature found by power iteration (`dual.curvature`). A last pass sets µ by bisection so
