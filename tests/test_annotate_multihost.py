@@ -19,13 +19,13 @@ if __name__ == "__main__":  # a child process: 2 fake CPU devices, before jax is
   os.environ["JAX_PLATFORMS"] = "cpu"
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import ml_collections
+import numpy as np
 
-from siglip_fair.annotate import multihost, zeroshot  # noqa: E402
-from siglip_fair.annotate.combine import combine  # noqa: E402
-from siglip_fair.balance import shards  # noqa: E402
+from siglip_fair.annotate import multihost, zeroshot
+from siglip_fair.annotate.combine import combine
+from siglip_fair.balance import shards
 
 N, SIZE, BATCH, SHARD = 200, 16, 8, 24  # 9 shards, the last one of 8 rows
 
@@ -60,15 +60,22 @@ def setup(min_margin=0.25):
 
 
 def _files(folder):
-  return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))
-          if f.endswith(".parquet")}
+  """{name: bytes} of the parquet files of a folder."""
+  out = {}
+  for f in sorted(os.listdir(folder)):
+    if f.endswith(".parquet"):
+      with open(os.path.join(folder, f), "rb") as file:
+        out[f] = file.read()
+  return out
 
 
 def _save_run(run, params):
   """A training run's checkpoint layout (train/checkpoint.py) holding `params` as the moving
   average, and other raw params (not to be used), both replicated over every device."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P
+
   from siglip_fair.train import checkpoint  # pylint: disable=g-import-not-at-top
   everywhere = NamedSharding(jax.make_mesh((len(jax.devices()),), ("d",)), P())
   state = {"params": jax.tree.map(lambda x: -x, params), "ema_params": params,

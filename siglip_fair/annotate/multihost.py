@@ -77,7 +77,8 @@ class LocalEmbedder:
     if len(devices) == 1:
       self.fn, self.params = embed_images, params
       return
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+    from jax.sharding import Mesh, NamedSharding  # pylint: disable=g-import-not-at-top
+    from jax.sharding import PartitionSpec as P
     mesh = Mesh(np.array(devices), ("batch",))
     self.params = jax.device_put(params, NamedSharding(mesh, P()))
     self.sharding = NamedSharding(mesh, P("batch"))
@@ -294,6 +295,7 @@ def _run_params(workdir: str, ema: bool = True):
   every array is restored onto this process's first device.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   from siglip_fair.train import checkpoint  # pylint: disable=g-import-not-at-top
   step = checkpoint.latest_step(workdir)
   path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
@@ -301,7 +303,7 @@ def _run_params(workdir: str, ema: bool = True):
     raise FileNotFoundError(f"no complete checkpoint in {os.path.dirname(os.path.dirname(path))!r}"
                             "; train a model there first.")
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  is_array = lambda m: hasattr(m, "shape") and hasattr(m, "dtype")  # noqa: E731
+  is_array = lambda m: hasattr(m, "shape") and hasattr(m, "dtype")
   with ocp.StandardCheckpointer() as ckpt:
     tree = ckpt.metadata(path).item_metadata.tree
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
