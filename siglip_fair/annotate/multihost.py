@@ -66,8 +66,9 @@ class LocalEmbedder:
 
   Rows [j * batch_size, (j + 1) * batch_size) of a range always form one device's batch, so a
   row's embedding does not depend on how many devices or processes there are. With one device
-  the embedder is called as it is (any callable); with several it must be a JAX function,
-  run under `jax.shard_map` over a 1-D mesh of the devices with replicated params.
+  the embedder is called as it is (any callable, on the default device: under
+  `jax.distributed` the process's first); with several it must be a JAX function, run under
+  `jax.shard_map` over a 1-D mesh of the devices with replicated params.
   """
 
   def __init__(self, embed_images: Callable, params, batch_size: int,
@@ -240,6 +241,8 @@ class _Folder:
   def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
     parts = [self._shard(path).read(max(start, a) - a, min(stop, b) - a)
              for a, b, path in self.ranges if a < stop and b > start]
+    if not parts:
+      return {}
     return {k: np.concatenate([p[k] for p in parts]).astype(np.float32) for k in parts[0]}
 
 
