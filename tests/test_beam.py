@@ -91,6 +91,12 @@ def corpus(tmp_path_factory):
   with open(tars[-1], "wb") as f:
     f.write(data[:len(data) * 3 // 4])  # cut mid-shard
   os.makedirs(root / "img")
+  # img2dataset's metadata beside each tar: one row per sample (downloaded or not), by key.
+  for t in range(3):
+    keys = [f"{1000 * t + i:06d}" for i in range(60)] + [f"{1000 * t + 99:06d}"]
+    pq.write_table(pa.table({"key": keys, "status": ["success"] * 60 + ["failed_to_download"],
+                             "similarity": rng.uniform(0.2, 0.4, 61).astype(np.float32)}),
+                   str(root / f"{t:05d}.parquet"))
   jsonl = root / "pairs.jsonl"
   jsonl.write_text("\n".join("{not json" if r is None else json.dumps(r)
                              for r in _manifest_rows(root, rng, 50, "j")) + "\n")
@@ -260,3 +266,29 @@ def test_annotation_rerun_skips_finished_shards(text_shards, capsys):
                                 beam_args=ONE)
   with pytest.raises(ValueError, match="has no column 'score'"):
     beam_annotate.annotate_text(dataset, out + "2", utility=(utility, "score"), beam_args=ONE)
+
+
+def test_utility_joined_by_key_from_img2dataset_metadata(corpus, webdataset, tmp_path):
+  """u from img2dataset's per-tar parquet files (`key`, `similarity`), joined by each record's
+  key, against a lookup of the same files row by row."""
+  dataset = webdataset[1]
+  source = imports.data_source(dataset)
+  tables = {}
+  want = []
+  for i in range(len(source)):
+    tar_name, stem = source[i]["key"].decode().split("/")
+    if tar_name not in tables:
+      table = pq.read_table(str(corpus["root"] / tar_name.replace(".tar", ".parquet")))
+      tables[tar_name] = dict(zip(table["key"].to_pylist(), table["similarity"].to_pylist()))
+    want.append(tables[tar_name][stem])
+  spec = beam_annotate.split_utility(f"{corpus['root']}:similarity")
+  beam_annotate.annotate_text(dataset, str(tmp_path / "ann"), shard_size=50, utility=spec,
+                              beam_args=ONE)
+  got = _read_all(str(tmp_path / "ann"))
+  np.testing.assert_array_equal(got["u"], np.asarray(want, np.float32))
+  ref = beam_annotate.in_memory(dataset)
+  for k in ("s", "known", "y", "w"):
+    np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+  with pytest.raises(Exception, match="needs columns 'key' and 'clip'"):
+    beam_annotate.annotate_text(dataset, str(tmp_path / "bad"), shard_size=50,
+                                utility=(str(corpus["root"]), "clip"), beam_args=ONE)

@@ -51,18 +51,60 @@ def open_captions(dataset: str):
   return builder.as_data_source(split="train", decoders={"image": tfds.decode.SkipDecoding()})
 
 
-def captions_of(dataset: str, start: int, stop: int, caption_index: int) -> list[bytes]:
-  """Caption `caption_index` of rows [start, stop), cyclic over a row's captions as
-  `imports.read_captions` pads them."""
+def captions_of(dataset: str, start: int, stop: int, caption_index: int
+                ) -> tuple[list[bytes], list[str]]:
+  """(caption `caption_index` of rows [start, stop), cyclic over a row's captions as
+  `imports.read_captions` pads them; the rows' keys, e.g. '00000.tar/000000123')."""
   source = open_captions(dataset)
   records = source.__getitems__(list(range(start, stop)))
-  out = []
+  out, keys = [], []
   for row, record in zip(range(start, stop), records):
     captions = [bytes(c) for c in record["captions"]]
     if not captions:
       raise ValueError(f"{dataset!r} row {row} has no caption.")
     out.append(captions[caption_index % len(captions)])
-  return out
+    key = record["key"]
+    keys.append(key.decode("utf-8") if isinstance(key, bytes) else str(key))
+  return out, keys
+
+
+@functools.lru_cache(maxsize=8)
+def _img2dataset_column(directory: str, tar_name: str, column: str) -> dict[str, float]:
+  """{sample key: value} of `column` in img2dataset's metadata of one tar shard
+  (`<directory>/<tar stem>.parquet`, whose `key` column names the tar members' stems)."""
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  path = os.path.join(directory, os.path.splitext(tar_name)[0] + ".parquet")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"utility: no img2dataset metadata {path!r} for shard {tar_name}.")
+  names = pq.read_schema(path).names
+  if "key" not in names or column not in names:
+    raise ValueError(f"utility: {path!r} needs columns 'key' and {column!r}; it has {names}.")
+  table = pq.read_table(path, columns=["key", column])
+  return dict(zip(table.column("key").to_pylist(),
+                  table.column(column).to_numpy(zero_copy_only=False)))
+
+
+def utility_of(utility: tuple[str, str | None], start: int, stop: int,
+               keys: Sequence[str]) -> np.ndarray:
+  """float32 [stop - start] utility of rows [start, stop): by row from a .npy / parquet column
+  in dataset order, or by key from img2dataset's per-shard parquet files (a folder)."""
+  path, column = utility
+  if os.path.isdir(path):
+    u = np.empty(len(keys), np.float32)
+    for i, key in enumerate(keys):
+      tar_name, _, stem = key.partition("/")
+      values = _img2dataset_column(path, tar_name, column)
+      if stem not in values:
+        raise ValueError(f"utility: row {start + i} (key {key!r}) has no {column!r} in "
+                         f"{path!r}'s metadata of {tar_name}.")
+      u[i] = values[stem]
+  else:
+    u = np.asarray(_utility_column(path, column)[start:stop], np.float32)
+  if not np.all(np.isfinite(u)):
+    bad = int(np.argmax(~np.isfinite(u)))
+    raise ValueError(f"utility {path!r} is not finite at row {start + bad} (NaN or inf; a "
+                     "sample without a score needs one, e.g. the column's mean).")
+  return u
 
 
 @functools.lru_cache(maxsize=4)
@@ -85,14 +127,18 @@ def _utility_column(path: str, column: str | None) -> np.ndarray:
 
 
 def split_utility(spec: str | None) -> tuple[str, str | None] | None:
-  """'file.npy' or 'file.parquet:column' -> (path, column); None -> None."""
+  """'file.npy', 'file.parquet:column' or 'folder:column' (img2dataset's per-shard parquet
+  files, joined by key) -> (path, column); None -> None."""
   if not spec:
     return None
   path, column = spec, None
   head, sep, tail = spec.rpartition(":")
-  if sep and head.endswith(".parquet"):
+  if sep and (head.endswith(".parquet") or os.path.isdir(os.path.expanduser(head))):
     path, column = head, tail
-  return os.path.expanduser(path), column
+  path = os.path.expanduser(path)
+  if os.path.isdir(path) and not column:
+    raise ValueError(f"utility folder {path!r}: name the column, e.g. {path}:similarity.")
+  return path, column
 
 
 def annotate_range(bounds: tuple[int, int], *, dataset: str, out_dir: str, prefix: str,
@@ -103,15 +149,10 @@ def annotate_range(bounds: tuple[int, int], *, dataset: str, out_dir: str, prefi
   path = os.path.join(out_dir, shards_lib.shard_name(prefix, start, stop))
   if os.path.exists(path):
     return start, stop, False
-  ann = lexicon_lib.annotate_captions(captions_of(dataset, start, stop, caption_index), lexicon)
-  if utility is None:
-    ann["u"] = np.zeros(stop - start, np.float32)
-  else:
-    u = np.asarray(_utility_column(*utility)[start:stop], np.float32)
-    if not np.all(np.isfinite(u)):
-      bad = int(np.argmax(~np.isfinite(u)))
-      raise ValueError(f"utility {utility[0]!r} is not finite at row {start + bad}.")
-    ann["u"] = u
+  captions, keys = captions_of(dataset, start, stop, caption_index)
+  ann = lexicon_lib.annotate_captions(captions, lexicon)
+  ann["u"] = (np.zeros(stop - start, np.float32) if utility is None
+              else utility_of(utility, start, stop, keys))
   shards_lib.write_parquet_shard(path, ann)
   return start, stop, True
 
@@ -144,7 +185,7 @@ def annotate_text(dataset: str, out_dir: str, *, shard_size: int = 100_000,
     raise FileNotFoundError(f"{dataset!r} is not an imported dataset (no dataset_info.json); "
                             "give the folder <data_dir>/<name>/1.0.0 that the import wrote.")
   n = len(open_captions(dataset))
-  if utility is not None:
+  if utility is not None and not os.path.isdir(utility[0]):
     rows = len(_utility_column(*utility))
     if rows != n:
       raise ValueError(f"utility {utility[0]!r} has {rows} rows but {dataset!r} has {n}; it "
@@ -211,8 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--output", required=True, help="folder of the annotation shards.")
   p.add_argument("--shard_size", type=int, default=100_000, help="rows per shard.")
   p.add_argument("--prefix", default=PREFIX)
-  p.add_argument("--utility", default=None, help="u per row: FILE.npy, or FILE.parquet:COLUMN "
-                 "(e.g. a CLIP score), in dataset order (default zeros).")
+  p.add_argument("--utility", default=None, help="u per row (e.g. a CLIP score; default zeros): "
+                 "FILE.npy or FILE.parquet:COLUMN in dataset order, or FOLDER:COLUMN for "
+                 "img2dataset's per-shard parquet files (FOLDER/<tar stem>.parquet with 'key'), "
+                 "joined by the records' keys.")
   p.add_argument("--config", default=None, help="FILE.py[:ARG] whose `annotate` group "
                  "(lexicon, caption_index) is used, with --config.annotate.<key>=... overrides "
                  "(default: annotate.default_config()).")
