@@ -156,6 +156,18 @@ def test_a_run_stopped_midway_resumes_and_skips_finished_shards(tmp_path):
     np.testing.assert_array_equal(got[k], reference[k], err_msg=k)
 
 
+def test_separate_jobs_each_write_their_share(tmp_path):
+  """process_index/process_count given by hand (no JAX job): shares as in a joint run."""
+  annotator, params, source = setup()
+  jobs = [multihost.annotate_shards(annotator, params, source, tmp_path / "jobs",
+                                    shard_size=SHARD, process_index=i, process_count=3)
+          for i in (2, 0, 1)]  # process 0 is not last: it must not check coverage
+  assert [(j["written"], j["complete"]) for j in jobs] == [(3, False), (3, False), (3, False)]
+  multihost.annotate_shards(annotator, params, source, tmp_path / "one", shard_size=SHARD)
+  assert _files(tmp_path / "jobs") == _files(tmp_path / "one")
+  assert len(shards.check_coverage(tmp_path / "jobs", N, "image")) == 9
+
+
 def test_a_resume_with_other_settings_is_refused(tmp_path):
   annotator, params, source = setup()
   multihost.annotate_shards(annotator, params, source, tmp_path, shard_size=50, max_shards=1)

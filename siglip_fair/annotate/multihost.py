@@ -165,7 +165,8 @@ def annotate_shards(annotator: zeroshot.ZeroShotAnnotator, params, source,
 
   Returns:
     {'rows', 'shards', 'written', 'skipped', 'seconds', 'rows_per_s', 'complete'} of this
-    process ('complete': process 0 checked that the shards cover [0, N) once).
+    process ('complete': process 0 of a JAX job, or a lone process, checked that the shards
+    cover [0, N) once; separate jobs check with `shards.check_coverage` when all are done).
   """
   joined = process_index is None and process_count is None
   index = jax.process_index() if process_index is None else int(process_index)
@@ -217,7 +218,8 @@ def annotate_shards(annotator: zeroshot.ZeroShotAnnotator, params, source,
                  seconds=seconds, rows_per_s=rows / seconds if rows else 0.0, complete=False)
   if joined:
     _barrier("siglip_fair.annotate.multihost")
-  if index == 0 and max_shards is None:
+  # Without a joint barrier (separate jobs) the other processes may still be writing.
+  if index == 0 and max_shards is None and (joined or count == 1):
     shards_lib.check_coverage(out_dir, n, prefix)  # gaps, overlaps, strays, row counts
     summary["complete"] = True
     log(f"annotate images: {len(ranges)} shards cover rows [0, {n}) in {out_dir}")
