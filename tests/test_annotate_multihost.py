@@ -6,12 +6,15 @@ in-memory path (`ZeroShotAnnotator.annotate`) and `combine.combine` on in-memory
 This file is also the child of the two-process test:
 
     python tests/test_annotate_multihost.py PROCESS_ID PORT OUT_DIR RUN_DIR
+    python tests/test_annotate_multihost.py alone OUT_DIR   (the child that is killed)
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 if __name__ == "__main__":  # a child process: 2 fake CPU devices, before jax is imported
   os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2 "
@@ -168,6 +171,39 @@ def test_separate_jobs_each_write_their_share(tmp_path):
   assert len(shards.check_coverage(tmp_path / "jobs", N, "image")) == 9
 
 
+class _Slow(list):
+  """A source whose reads take a while, so that a kill lands midway through a run."""
+
+  def __getitem__(self, i):
+    time.sleep(0.05)
+    return super().__getitem__(i)
+
+
+def test_a_killed_run_leaves_whole_shards_and_the_rerun_completes_them(tmp_path):
+  annotator, params, source = setup()
+  multihost.annotate_shards(annotator, params, source, tmp_path / "one", shard_size=SHARD)
+  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "alone",
+                           str(tmp_path / "run")], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  first = tmp_path / "run" / shards.shard_name("image", 0, SHARD)
+  while not first.exists() and proc.poll() is None:
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  log = proc.communicate()[0]
+  assert proc.returncode == -signal.SIGKILL, log[-3000:]
+  done = _files(tmp_path / "run")
+  assert 1 <= len(done) < 9, log[-3000:]  # killed midway: some shards, not all
+  before = {f: os.stat(tmp_path / "run" / f).st_mtime_ns for f in done}
+  lines = []
+  rest = multihost.annotate_shards(annotator, params, source, tmp_path / "run",
+                                   shard_size=SHARD, log=lines.append)
+  assert (rest["skipped"], rest["written"], rest["complete"]) == (len(done), 9 - len(done), True)
+  assert f"{len(done)} done before" in lines[0]
+  assert {f: os.stat(tmp_path / "run" / f).st_mtime_ns for f in before} == before
+  assert _files(tmp_path / "run") == _files(tmp_path / "one")
+
+
 def test_a_resume_with_other_settings_is_refused(tmp_path):
   annotator, params, source = setup()
   multihost.annotate_shards(annotator, params, source, tmp_path, shard_size=50, max_shards=1)
@@ -267,6 +303,10 @@ def test_shard_folders_with_gaps_or_other_rows_are_refused(tmp_path, capsys):
 
 
 def _child():
+  if sys.argv[1] == "alone":  # one process, slow reads: killed by the test midway
+    annotator, params, source = setup()
+    multihost.annotate_shards(annotator, params, _Slow(source), sys.argv[2], shard_size=SHARD)
+    return
   pid, port, out, run = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
   jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
                              process_id=pid, initialization_timeout=300)
