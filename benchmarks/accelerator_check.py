@@ -78,7 +78,8 @@ LOCK = threading.RLock()
 
 
 def log(msg):
-  print(f"[accelerator_check {time.perf_counter() - START:6.1f}s] {msg}", flush=True)
+  with LOCK:  # never between the watchdog's JSON line and its exit
+    print(f"[accelerator_check {time.perf_counter() - START:6.1f}s] {msg}", flush=True)
 
 
 def skip(msg):
@@ -91,8 +92,8 @@ def finish(code=0, **extra):
   with LOCK:
     RESULT.update(extra, elapsed_s=round(time.perf_counter() - START, 1))
     print(json.dumps(RESULT, default=str), flush=True)
-  if code == 3:  # from the watchdog thread: end the process, whatever the main thread is in
-    os._exit(code)
+    if code == 3:  # from the watchdog thread: end the process, whatever the main thread is in
+      os._exit(code)
 
 
 class Budget:
@@ -185,7 +186,7 @@ def part_b16(args, budget):
                               state_sharding=shardings, batch_sharding=bsharding)
            for r in {"none", *args.remat}}
   peak = flops_lib.peak_flops(jax.devices()[0], args.peak_flops)
-  limit = _device_gib("bytes_limit")
+  limit = args.memory_limit_gib or _device_gib("bytes_limit")
   out.update(peak_flops=peak, device_memory_gib=limit)
 
   def trial(remat, batch):
@@ -262,6 +263,8 @@ def part_b16(args, budget):
         batch *= 2
       elif last and not refined and batch > last["batch"] * 3 // 2:
         batch, refined = last["batch"] * 3 // 2, True  # between the last fit and this one
+      elif not last and not refined and fitted and batch > max(fitted):
+        batch, refined = max(fitted), True  # at least the batch that fitted without remat
       else:
         break
     if last:
@@ -285,7 +288,8 @@ def part_loss(args, budget):
     out["ring_devices"] = jax.device_count()
   else:
     skip("loss ring: one device, where the ring is the full loss (it needs several devices)")
-  stopped, last_s, limit = set(), 0.0, _device_gib("bytes_limit")
+  stopped, last_s = set(), 0.0
+  limit = args.memory_limit_gib or _device_gib("bytes_limit")
   for batch in (int(b) for b in args.loss_batches.split(",")):
     for impl, (fn, mesh) in impls.items():
       if impl in stopped:
@@ -402,6 +406,8 @@ def main():
   parser.add_argument("--remat", default="none,full", help="model.<tower>.remat modes")
   parser.add_argument("--scan", action="store_true", help="model.<tower>.scan (faster compile)")
   parser.add_argument("--peak-flops", type=float, default=None, help="per device, for MFU")
+  parser.add_argument("--memory-limit-gib", type=float, default=None,
+                      help="programs larger than this are not run (default: the device's)")
   for key in ("batch", "max_batch", "steps", "demo_steps", "demo_batch", "loss_dim",
               "loss_chunk"):
     parser.add_argument("--" + key.replace("_", "-"), type=int, default=None)

@@ -1,6 +1,7 @@
 """benchmarks/accelerator_check.py runs end to end without a GPU (--cpu-smoke) and its JSON holds
 every part's numbers: finite, positive, consistent with each other and with a numpy reference
-for the loss values; without --cpu-smoke on a CPU it refuses with a JSON line saying why."""
+for the loss values; without --cpu-smoke on a CPU it refuses with a JSON line saying why, and
+at its deadline the last line is still the JSON (so far)."""
 import json
 import math
 import os
@@ -124,3 +125,12 @@ def test_refuses_a_cpu_without_smoke_mode():
   result = json.loads(lines[-1])
   assert result["backend"] == "cpu" and "demo" not in result
   assert any("--cpu-smoke" in s for s in result["skipped"])
+
+
+def test_deadline_still_ends_with_the_json():
+  # A deadline already past: the watchdog fires at once, whatever the parts are doing.
+  proc, lines = _run("--cpu-smoke", "--parts", "demo", "--deadline-s", "0")
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  result = json.loads(lines[-1])
+  assert result["deadline_hit"] is True and result["mode"] == "cpu-smoke"
+  assert any(s.startswith("deadline reached") for s in result["skipped"])
