@@ -29,6 +29,7 @@ import numpy as np
 from siglip_fair.annotate import multihost, zeroshot
 from siglip_fair.annotate.combine import combine
 from siglip_fair.balance import shards
+from siglip_fair.train import checkpoint
 
 N, SIZE, BATCH, SHARD = 200, 16, 8, 24  # 9 shards, the last one of 8 rows
 
@@ -79,7 +80,6 @@ def _save_run(run, params):
   from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P
 
-  from siglip_fair.train import checkpoint  # pylint: disable=g-import-not-at-top
   everywhere = NamedSharding(jax.make_mesh((len(jax.devices()),), ("d",)), P())
   state = {"params": jax.tree.map(lambda x: -x, params), "ema_params": params,
            "step": np.int32(3)}
@@ -312,7 +312,7 @@ def _child():
                              process_id=pid, initialization_timeout=300)
   assert jax.process_count() == 2 and len(jax.local_devices()) == 2
   annotator, _, source = setup()
-  params = multihost._run_params(run)  # pylint: disable=protected-access
+  params = checkpoint.load_params(run)  # saved on 8 devices; restored on this process's own
   summary = multihost.annotate_shards(annotator, params, source, out, shard_size=SHARD)
   print("SUMMARY " + json.dumps(summary), flush=True)
   jax.distributed.shutdown()

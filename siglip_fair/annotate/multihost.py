@@ -292,39 +292,14 @@ def combine_shards(text_dir: str | os.PathLike, image_dir: str | os.PathLike, ru
   return paths
 
 
-def _run_params(workdir: str, ema: bool = True):
-  """`train.checkpoint.load_params` for one process of a multi-process job.
-
-  Restoring without a target recreates the arrays with the shardings they were saved with,
-  over devices that another process owns (orbax then fails: "no addressable shards"); here
-  every array is restored onto this process's first device.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  from siglip_fair.train import checkpoint  # pylint: disable=g-import-not-at-top
-  step = checkpoint.latest_step(workdir)
-  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
-  if step is None or not os.path.isdir(path):
-    raise FileNotFoundError(f"no complete checkpoint in {os.path.dirname(os.path.dirname(path))!r}"
-                            "; train a model there first.")
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  is_array = lambda m: hasattr(m, "shape") and hasattr(m, "dtype")
-  with ocp.StandardCheckpointer() as ckpt:
-    tree = ckpt.metadata(path).item_metadata.tree
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
-                          if is_array(m) else m, tree, is_leaf=is_array)
-    state = ckpt.restore(path, target)
-  key = "ema_params" if ema and state.get("ema_params") is not None else "params"
-  return jax.tree.map(np.asarray, state[key])
-
-
 def _run_annotator(cfg, model_config, tokenizer):
   """`zeroshot.load_annotator` for a training run's workdir in a multi-process job."""
   from siglip_fair.evaluate.base import preprocess_images  # pylint: disable=g-import-not-at-top
   from siglip_fair.models.two_tower import embed_fns, make_model, temperature  # pylint: disable=g-import-not-at-top
+  from siglip_fair.train import checkpoint  # pylint: disable=g-import-not-at-top
   embed_images, embed_texts = embed_fns(make_model(model_config))
   return zeroshot.ZeroShotAnnotator(embed_images, embed_texts, tokenizer, temperature, cfg,
-                                    prepare=preprocess_images), _run_params(cfg.checkpoint)
+                                    prepare=preprocess_images), checkpoint.load_params(cfg.checkpoint)
 
 
 def _source_and_annotator(config, workdir: str):

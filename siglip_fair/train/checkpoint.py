@@ -131,9 +131,17 @@ def load_params(workdir: str, step: int | None = None, *, ema: bool = True):
   path = os.path.join(directory, str(step), "state")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"checkpoint step {step} has no state at {path!r}.")
+  # Restored onto this process's first device: without a target orbax recreates each array
+  # with the sharding it was saved with, over devices that, in a multi-process job or on
+  # another machine, this process does not own ("no addressable shards").
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  is_array = lambda m: hasattr(m, "shape") and hasattr(m, "dtype")  # noqa: E731
   try:
     with ocp.StandardCheckpointer() as ckpt:
-      state = ckpt.restore(path)
+      tree = ckpt.metadata(path).item_metadata.tree
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
+                            if is_array(m) else m, tree, is_leaf=is_array)
+      state = ckpt.restore(path, target)
   except Exception as e:  # pylint: disable=broad-except  # damaged files raise many kinds
     steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
     raise _damaged(directory, step, steps, e) from None
