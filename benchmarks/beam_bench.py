@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
     print(f"import, imports.import_pairs with 1 worker: {args.pairs / sec:.1f} rows/s", flush=True)
     for workers, opts in ((1, ONE), (2, TWO)):
       data_dir = os.path.join(root, f"tfds{workers}")
-      _, sec = _timed(lambda: beam_import.beam_import(
+      _, sec = _timed(lambda data_dir=data_dir, opts=opts: beam_import.beam_import(
           "webdataset", tars, data_dir, name="bench", image_size=args.image_size,
           beam_args=opts))
       out["import"][f"workers_{workers}"] = {
@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
     out["annotate"]["in_process_rows_per_s"] = round(args.shard_size / sec, 1)
     print(f"annotate, one shard in this process: {args.shard_size / sec:.0f} rows/s", flush=True)
     for workers, opts in ((1, ONE), (2, TWO)):
-      _, sec = _timed(lambda: beam_annotate.annotate_text(
+      _, sec = _timed(lambda workers=workers, opts=opts: beam_annotate.annotate_text(
           dataset, os.path.join(root, f"ann{workers}"), shard_size=args.shard_size,
           beam_args=opts))
       out["annotate"][f"workers_{workers}"] = {

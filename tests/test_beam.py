@@ -119,6 +119,14 @@ def webdataset(corpus):
   return single, beam
 
 
+def _bytes(folder, names):
+  out = {}
+  for name in names:
+    with open(os.path.join(folder, name), "rb") as f:
+      out[name] = f.read()
+  return out
+
+
 def _assert_same_dataset(a, b):
   sa, sb = imports.data_source(a), imports.data_source(b)
   assert len(sa) == len(sb) > 0
@@ -161,7 +169,7 @@ def test_import_reruns_reuse_converted_units(corpus, webdataset, monkeypatch):
   staging = os.path.join(data_dir, ".beam_staging", "beam")
   staged = sorted(os.listdir(staging))
   assert len(staged) == 3 and all(f.endswith(".parquet") for f in staged)
-  before = {f: open(os.path.join(staging, f), "rb").read() for f in staged}
+  before = _bytes(staging, staged)
   calls = []
   convert = beam_import.convert_unit
   monkeypatch.setattr(beam_import, "convert_unit",
@@ -176,7 +184,7 @@ def test_import_reruns_reuse_converted_units(corpus, webdataset, monkeypatch):
                            "--name", "third", f"--image_size={SIZE}", "--staging_dir", staging,
                            *ONE]) == 0
   assert len(calls) == 1
-  assert {f: open(os.path.join(staging, f), "rb").read() for f in staged} == before
+  assert _bytes(staging, staged) == before
   _assert_same_dataset(webdataset[1], os.path.join(data_dir, "third", "1.0.0"))
 
 
@@ -249,14 +257,14 @@ def test_m4_from_beam_shards_equals_in_memory(text_shards):
 def test_annotation_rerun_skips_finished_shards(text_shards, capsys):
   dataset, out, utility, _ = text_shards
   files = sorted(f for f in os.listdir(out) if f.endswith(".parquet"))
-  before = {f: open(os.path.join(out, f), "rb").read() for f in files}
+  before = _bytes(out, files)
   stamps = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in files}
   os.remove(os.path.join(out, files[2]))
   args = [dataset, "--output", out, "--shard_size", "32", "--utility", utility + ":clip_score",
           *ONE]
   assert beam_annotate.main(args) == 0
   assert f"{len(files) - 1} of {len(files)} shards already" in capsys.readouterr().out
-  assert {f: open(os.path.join(out, f), "rb").read() for f in files} == before
+  assert _bytes(out, files) == before
   assert all(os.stat(os.path.join(out, f)).st_mtime_ns == stamps[f]
              for f in files if f != files[2])
   # Other settings never mix into the folder.

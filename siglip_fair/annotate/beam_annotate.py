@@ -27,7 +27,7 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import apache_beam as beam
 import ml_collections
@@ -160,7 +160,10 @@ def annotate_range(bounds: tuple[int, int], *, dataset: str, out_dir: str, prefi
 def _settings(dataset, n, shard_size, prefix, lexicon, caption_index, utility) -> dict:
   lex = hashlib.sha256(lexicon.to_json(sort_keys=True).encode()).hexdigest()
   info = os.path.join(os.path.expanduser(dataset), "dataset_info.json")
-  ident = hashlib.sha256(open(info, "rb").read()).hexdigest() if os.path.exists(info) else None
+  ident = None
+  if os.path.exists(info):
+    with open(info, "rb") as f:
+      ident = hashlib.sha256(f.read()).hexdigest()
   return {"dataset": os.path.abspath(os.path.expanduser(dataset)), "dataset_info": ident,
           "rows": n, "shard_size": shard_size, "prefix": prefix, "lexicon": lex,
           "caption_index": caption_index,
