@@ -300,3 +300,54 @@ def test_utility_joined_by_key_from_img2dataset_metadata(corpus, webdataset, tmp
   with pytest.raises(Exception, match="needs columns 'key' and 'clip'"):
     beam_annotate.annotate_text(dataset, str(tmp_path / "bad"), shard_size=50,
                                 utility=(str(corpus["root"]), "clip"), beam_args=ONE)
+
+
+def test_img2dataset_parquet_shards_import_like_the_same_tars(tmp_path):
+  """img2dataset's `--output_format parquet` (images inside, a null `jpg` for a failed
+  download) against the same successful samples written as tars and imported by `imports`."""
+  rng = np.random.default_rng(3)
+  parquets, tars = [], []
+  for t in range(2):
+    keys, images, captions, status = [], [], [], []
+    tar_path = str(tmp_path / f"{t:05d}.tar")
+    with tarfile.open(tar_path, "w") as tar:
+      for i in range(30):
+        key, r = f"{t:05d}{i:04d}", rng.random()
+        image = None if r < 0.15 else b"broken" if r < 0.2 else _jpeg(rng)
+        caption = "" if 0.2 <= r < 0.25 else _caption(rng)
+        keys.append(key)
+        images.append(image)
+        captions.append(None if image is None else caption)
+        status.append("failed_to_download" if image is None else "success")
+        if image is not None:
+          for ext, data in (("jpg", image), ("txt", caption.encode())):
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path = str(tmp_path / f"{t:05d}.parquet")
+    pq.write_table(pa.table({"key": keys, "jpg": pa.array(images, pa.binary()), "txt": captions,
+                             "status": status}), path)
+    parquets.append(path)
+    tars.append(tar_path)
+  ref = imports.import_pairs("webdataset", tars, str(tmp_path / "tfds"), name="tars",
+                             image_size=SIZE, num_workers=1)
+  got = beam_import.beam_import("parquet", parquets, str(tmp_path / "tfds"), name="parquets",
+                                image_size=SIZE, beam_args=TWO_THREADS)
+  sa, sb = imports.data_source(ref), imports.data_source(got)
+  assert len(sa) == len(sb) > 0
+  for i in range(len(sa)):
+    assert sa[i]["key"].replace(b".tar/", b".parquet/") == sb[i]["key"]
+    np.testing.assert_array_equal(sa[i]["image"], sb[i]["image"])
+    assert list(sa[i]["captions"]) == list(sb[i]["captions"])
+  with open(os.path.join(ref, "import_report.json")) as f, \
+       open(os.path.join(got, "import_report.json")) as g:
+    tar_report, parquet_report = json.load(f), json.load(g)
+  failed = parquet_report["skipped"].pop("not downloaded")
+  assert failed == sum(s == "failed_to_download" for p in parquets
+                       for s in pq.read_table(p)["status"].to_pylist()) > 0
+  assert parquet_report["skipped"] == tar_report["skipped"]
+  assert {"undecodable image", "empty caption"} <= set(tar_report["skipped"])
+  with pytest.raises(ValueError, match="has no images|columns 'key' and 'jpg'"):
+    meta = str(tmp_path / "meta.parquet")
+    pq.write_table(pa.table({"key": ["a"], "caption": ["b"]}), meta)
+    beam_import.beam_import("parquet", [meta], str(tmp_path / "tfds"), name="meta")

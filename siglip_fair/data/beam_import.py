@@ -1,6 +1,7 @@
 """The corpus import (data/imports.py) as an Apache Beam pipeline: one machine or a cluster.
 
-Same inputs (webdataset tar shards, JSONL/CSV manifests, image folders), same conversion
+Same inputs (webdataset tar shards, JSONL/CSV manifests, image folders; and img2dataset's
+parquet shards with the images inside, which `imports` does not read), same conversion
 (`imports.convert`), same skip-and-count rules, same output: a TFDS ArrayRecord dataset whose
 records equal `imports.import_pairs`'s record for record, with the same import_report.json.
 
@@ -61,9 +62,44 @@ def unit_fingerprints(described: dict) -> list[str]:
                          ).hexdigest() for item in described["inputs"]]
 
 
+def _caption_column(path: str) -> str:
+  """The caption column of an img2dataset parquet shard; ValueError unless it has images."""
+  try:
+    names = pq.read_schema(path).names
+  except Exception as e:  # pylint: disable=broad-except  # pyarrow raises several kinds
+    raise ValueError(f"{path} is not a readable parquet file ({e}).") from None
+  if "jpg" not in names or "key" not in names:
+    raise ValueError(f"{path}: an img2dataset parquet shard has columns 'key' and 'jpg' (the "
+                     f"images); this one has {names}. The metadata beside webdataset tars has "
+                     "no images: import the tars (kind webdataset) instead.")
+  text = "txt" if "txt" in names else "caption" if "caption" in names else None
+  if text is None:
+    raise ValueError(f"{path}: no caption column ('txt' or 'caption'); it has {names}.")
+  return text
+
+
+def parquet_entries(path: str):
+  """Entries of a parquet shard written by img2dataset with `--output_format parquet`: one row
+  per sample, `key`, the image bytes in `jpg` (null when the download failed; `status` and
+  `error_message` say why) and the caption in `txt` (or `caption`). Keys are
+  '<file name>/<key>'."""
+  text = _caption_column(path)
+  base = os.path.basename(path)
+  for batch in pq.ParquetFile(path).iter_batches(columns=["key", "jpg", text]):
+    for key, image, caption in zip(*(batch.column(i).to_pylist() for i in range(3))):
+      if image is None:
+        yield f"{base}/{key}", ValueError("not downloaded"), None
+      else:
+        yield f"{base}/{key}", image, caption
+
+
+KINDS = (*imports.KINDS, "parquet")
+
+
 def _entries(kind: str, path: str):
   return {"folder": imports.folder_entries, "manifest": imports.manifest_entries,
-          "webdataset": lambda p: imports.webdataset_entries([p])}[kind](path)
+          "webdataset": lambda p: imports.webdataset_entries([p]),
+          "parquet": parquet_entries}[kind](path)
 
 
 def convert_unit(kind: str, path: str, image_size: int) -> tuple[pa.Table, dict]:
@@ -164,14 +200,17 @@ def beam_import(kind: str, inputs: Sequence[str] | str, data_dir: str, *, name: 
   """Imports `inputs` into the dataset `name` under data_dir with a Beam pipeline (runner and
   options from `beam_args`, e.g. ["--direct_num_workers=2"]); returns its folder. Converted
   units are kept in `staging_dir` (default `<data_dir>/.beam_staging/<name>`) for reruns."""
-  if kind not in imports.KINDS:
-    raise ValueError(f"import kind={kind!r}; use one of {imports.KINDS}.")
+  if kind not in KINDS:
+    raise ValueError(f"import kind={kind!r}; use one of {KINDS}.")
   if image_size < 8:
     raise ValueError(f"image_size={image_size} must be >= 8.")
   inputs = [inputs] if isinstance(inputs, str) else list(inputs)
   for path in inputs:
     if not os.path.exists(path):
       raise FileNotFoundError(f"import input {path!r} does not exist.")
+  if kind == "parquet":
+    for path in inputs:
+      _caption_column(path)  # on the launcher, before any worker starts
   if len(set(map(os.path.abspath, inputs))) != len(inputs):
     raise ValueError(f"import inputs {inputs} name the same file twice.")
   data_dir = os.path.expanduser(data_dir)
@@ -237,7 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "pipeline options, e.g. --runner=DataflowRunner --project=P --region=R "
                   "--temp_location=gs://B/tmp, or --direct_num_workers=2 "
                   "--direct_running_mode=multi_processing (DirectRunner, the default).")
-  p.add_argument("kind", choices=imports.KINDS)
+  p.add_argument("kind", choices=KINDS, help="parquet: img2dataset's --output_format parquet "
+                 "shards (images inside); the others as in siglip_fair.data.imports.")
   p.add_argument("inputs", nargs="+", help="the tar shard(s), manifest file(s) or folder(s); "
                  "each is one unit of work.")
   p.add_argument("--data_dir", required=True, help="TFDS data dir to write into.")
