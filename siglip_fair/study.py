@@ -191,13 +191,29 @@ def balance(config, workdir: str, data: Data | None = None, *,
   any other outputs there are recomputed and replaced, with one line saying what changed.
   `strict`: an infeasible card is an error that writes nothing, unless
   `balance.allow_infeasible` (the command line's behaviour).
+
+  Under `jax.distributed` call it on every process with the same arguments: M4 streams
+  `annotations_dir` (required then), process p reading shards p, p + P, ...; process 0 decides
+  whether to reuse, prints, and writes the same files as a one-process run (the others write
+  only their rows' part files, merged and removed by process 0). Every process returns the same
+  loaded result, read back after process 0 wrote it (full q / keep on each host).
   """
   from siglip_fair.balance import stage
+  several, lead = jax.process_count() > 1, jax.process_index() == 0
+  if several and not config.get("annotations_dir"):
+    raise ValueError(
+        f"balance on {jax.process_count()} processes needs config.annotations_dir, a folder of "
+        ".npz / .parquet annotation shards (at least one per process) that M4 streams: the "
+        "in-memory annotation of the training split is a one-process path. Write the shards "
+        "first (balance.write_shards, or `python -m siglip_fair.annotate.beam_annotate`; "
+        "docs/WEBSCALE.md) and pass --config.annotations_dir=DIR, or run balance as one process.")
   out = balance_dir(config, workdir)
   want = stage.wanted(config, train_data_identity(config))
-  reusable, diffs = stage.status(out, want)
+  reusable, diffs = stage.status(out, want) if lead else (False, [])
+  reusable = stage.agree(reusable)  # process 0's view, so all processes do the same
   if reusable:
-    print(f"balance: reusing {out} (made from the same data and config)")
+    if lead:
+      print(f"balance: reusing {out} (made from the same data and config)")
     return load_balance(out)
   if diffs:
     print(f"balance: {out} was made from other inputs ({'; '.join(diffs)}); recomputing")
@@ -206,15 +222,31 @@ def balance(config, workdir: str, data: Data | None = None, *,
   # balance directory keeps whatever complete outputs it had.
   with sigterm_raises("balance: SIGTERM; stopped (every file is written whole or not at all), "
                       "rerun the same command to balance again"):
-    data = data or prepare_data(config, workdir)
-    result = stage.staged(out, want, lambda folder: _run_m4(config, data, folder, strict))
-  print(f"balance: kept {result.keep.mean():.3f} of {result.keep.size} examples "
-        f"(verdict: {result.card['verdict']}); card in {out}")
-  return load_balance(out)
+    data = data or _prepare_in_turn(config, workdir)
+    stage.staged(out, want, lambda folder: _run_m4(config, data, folder, strict))
+  loaded = load_balance(out)
+  if lead:
+    print(f"balance: kept {loaded['keep'].mean():.3f} of {loaded['keep'].size} examples "
+          f"(verdict: {loaded['card']['verdict']}); card in {out}")
+  return loaded
+
+
+def _prepare_in_turn(config, workdir: str) -> Data:
+  """`prepare_data` on every process; with several, process 0 first, since it may build the
+  world and train the tokenizer into the shared data_dir, which the others then reuse."""
+  if jax.process_count() == 1:
+    return prepare_data(config, workdir)
+  from jax.experimental import multihost_utils
+  data = prepare_data(config, workdir) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("balance: data prepared")
+  return data or prepare_data(config, workdir)
 
 
 def _run_m4(config, data: Data, out: str, strict: bool):
+  """M4 into `out`. With several processes (shards only) every process runs it; process 0
+  writes the files, with every process's rows gathered by `stage.gather_rows`."""
   from siglip_fair import balance as m4
+  from siglip_fair.balance import stage
   from siglip_fair.report import plots
   source = config.get("annotations_dir") or ""
   if source:  # streamed from the shards, never loaded whole
@@ -227,17 +259,22 @@ def _run_m4(config, data: Data, out: str, strict: bool):
     ann = shards = annotations(config, data)
   result = m4.balance_stream(shards, config.balance, jax.random.key(config.balance.seed),
                              names=names(), progress=config.get("progress", False))
+  # The card is global, so every process raises here alike, before any part file is written.
   if strict and result.card["verdict"] != "feasible" and not config.balance.get(
       "allow_infeasible", False):
     raise infeasible_error(result.card, config)
+  arrays = dict(q=result.q, keep=result.keep)
+  if result.repeats is not None:
+    arrays["repeats"] = result.repeats
+  if result.rows is not None:  # this process's rows only
+    arrays = stage.gather_rows(out, arrays, result.rows, total)
+    if arrays is None:  # not process 0: its rows are in process 0's hands
+      return result
   if ann is not None:
     annotate.save_annotations(os.path.join(out, "annotations.npz"), ann)
   atomic_write(os.path.join(out, "card.json"), json.dumps(result.card, indent=1))
   atomic_write(os.path.join(out, "card.md"), m4.card_markdown(result.card))
   plots.plot_data_card(result.card, os.path.join(out, "card.png"))
-  arrays = dict(q=result.q, keep=result.keep)
-  if result.repeats is not None:
-    arrays["repeats"] = result.repeats
   atomic_savez(os.path.join(out, "m4.npz"), **arrays)
   return result
 

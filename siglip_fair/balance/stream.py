@@ -263,7 +263,8 @@ def _gather_rows(sample: m4.Examples, index) -> m4.Examples:
   pad = lambda x: np.pad(x, [(0, size - len(x))] + [(0, 0)] * (x.ndim - 1))
   rows, ids = multihost_utils.process_allgather((jax.tree.map(pad, sample), pad(index)))
   keep = np.concatenate([np.arange(c) + i * size for i, c in enumerate(counts)])
-  flat = lambda x: x.reshape((-1,) + x.shape[2:])[keep]
+  # The row count spelt out: -1 is ambiguous for a zero-width field (no proxies: w [n, 0]).
+  flat = lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])[keep]
   order = np.argsort(flat(ids), kind="stable")
   return jax.tree.map(lambda x: flat(x)[order], rows)
 
