@@ -1,5 +1,5 @@
 """Fake text tower pieces shared by the evaluator and zero-shot annotation tests: a bag of
-words with one embedding axis per known word."""
+words with one embedding axis per known word, and a word-hash tokenizer."""
 import re
 
 import numpy as np
@@ -23,6 +23,21 @@ class BagOfWords:
     for row, text in zip(out, texts):
       ids = [self.vocab.index(w) + 1 if w in self.axis else len(self.vocab) + 1
              for w in re.findall(r"\w+", text.lower())]
+      row[:len(ids)] = ids
+    return out
+
+
+class WordHash:
+  """encode: one id in [1, 300] per whitespace-separated word (a hash of its characters),
+  0-padded / cut to `length`: enough to tell a few hundred prompts apart for a real text tower."""
+
+  def __init__(self, length: int = 12):
+    self.length = length
+
+  def encode(self, texts):
+    out = np.zeros((len(texts), self.length), np.int32)
+    for row, text in zip(out, texts):
+      ids = [1 + sum(map(ord, w)) % 300 for w in str(text).split()][:self.length]
       row[:len(ids)] = ids
     return out
 

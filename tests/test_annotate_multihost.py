@@ -26,23 +26,13 @@ import jax
 import ml_collections
 import numpy as np
 
+import fake_towers
 from siglip_fair.annotate import multihost, zeroshot
 from siglip_fair.annotate.combine import combine
 from siglip_fair.balance import shards
 from siglip_fair.train import checkpoint
 
 N, SIZE, BATCH, SHARD = 200, 16, 8, 24  # 9 shards, the last one of 8 rows
-
-
-class Words:
-  """A word-hash tokenizer: enough to tell the prompts apart."""
-
-  def encode(self, texts):
-    out = np.zeros((len(texts), 12), np.int32)
-    for row, text in zip(out, texts):
-      ids = [1 + sum(map(ord, w)) % 300 for w in str(text).split()][:12]
-      row[:len(ids)] = ids
-    return out
 
 
 def setup(min_margin=0.25):
@@ -58,7 +48,8 @@ def setup(min_margin=0.25):
   cfg.templates, cfg.fields = ("a photo of {}.", "{}"), ("s", "y", "w")
   cfg.batch_size, cfg.min_margin = BATCH, min_margin
   embed_images, embed_texts = embed_fns(model)
-  annotator = zeroshot.ZeroShotAnnotator(embed_images, embed_texts, Words(), temperature, cfg)
+  annotator = zeroshot.ZeroShotAnnotator(embed_images, embed_texts, fake_towers.WordHash(),
+                                         temperature, cfg)
   images = np.random.default_rng(0).integers(0, 256, (N, SIZE, SIZE, 3), np.uint8)
   return annotator, params, [{"image": x} for x in images]
 

@@ -3,6 +3,7 @@ import csv
 import os
 
 import numpy as np
+import fake_towers
 import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
@@ -217,14 +218,6 @@ def test_cifar100_zero_shot_evaluator_end_to_end(tmp_path):
   from siglip_fair.evaluate import metrics
   from siglip_fair.models import embed_fns, make_model
 
-  class Words:  # a word-hash tokenizer: enough to tell 100 class prompts apart
-    def encode(self, texts):
-      out = np.zeros((len(texts), 12), np.int32)
-      for row, text in zip(out, texts):
-        ids = [1 + sum(map(ord, w)) % 300 for w in str(text).split()][:12]
-        row[:len(ids)] = ids
-      return out
-
   model = make_model(ml_collections.ConfigDict(dict(
       image=dict(variant="mu/4"), text=dict(variant="mu", vocab_size=320, max_len=12),
       embed_dim=16)))
@@ -234,7 +227,8 @@ def test_cifar100_zero_shot_evaluator_end_to_end(tmp_path):
   templates = classnames.CLIP_IMAGENET_TEMPLATES[:3]
   with tfds.testing.mock_data(num_examples=10, policy=tfds.testing.MockPolicy.USE_CODE):
     src = datasets.load_source("cifar100", "test", data_dir=tmp_path, image_size=16)
-    context = ev.EvalContext(embed_images, embed_texts, Words(), {"cifar": src}, batch_size=4)
+    context = ev.EvalContext(embed_images, embed_texts, fake_towers.WordHash(), {"cifar": src},
+                             batch_size=4)
     config = {"zeroshot": dict(split="cifar", label_key="label",
                                classes=list(classnames.CIFAR100_CLASSES), templates=templates,
                                ks=(1, 50), bootstrap=dict(num_samples=0))}
@@ -243,7 +237,8 @@ def test_cifar100_zero_shot_evaluator_end_to_end(tmp_path):
   images = np.stack([pipeline.normalize_image(r["image"]) for r in records])
   labels = np.array([r["label"] for r in records])
   texts, spans = prompts.prompt_sets({c: [c] for c in classnames.CIFAR100_CLASSES}, templates)
-  class_emb = metrics.prompt_ensemble(np.asarray(embed_texts(params, Words().encode(texts))),
+  tokens = fake_towers.WordHash().encode(texts)
+  class_emb = metrics.prompt_ensemble(np.asarray(embed_texts(params, tokens)),
                                       spans)
   scores = np.asarray(embed_images(params, images)) @ class_emb.T
   rank = np.sum(scores >= scores[np.arange(len(labels)), labels][:, None], axis=1) - 1

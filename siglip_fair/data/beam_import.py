@@ -276,13 +276,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "pipeline options, e.g. --runner=DataflowRunner --project=P --region=R "
                   "--temp_location=gs://B/tmp, or --direct_num_workers=2 "
                   "--direct_running_mode=multi_processing (DirectRunner, the default).")
-  p.add_argument("kind", choices=KINDS, help="parquet: img2dataset's --output_format parquet "
-                 "shards (images inside); the others as in siglip_fair.data.imports.")
-  p.add_argument("inputs", nargs="+", help="the tar shard(s), manifest file(s) or folder(s); "
-                 "each is one unit of work.")
-  p.add_argument("--data_dir", required=True, help="TFDS data dir to write into.")
-  p.add_argument("--name", required=True, help="dataset name, e.g. my_pairs.")
-  p.add_argument("--image_size", type=int, default=224)
+  imports.add_import_args(
+      p, KINDS, kind_help="parquet: img2dataset's --output_format parquet shards (images "
+      "inside); the others as in siglip_fair.data.imports.",
+      inputs_help="the tar shard(s), manifest file(s) or folder(s); each is one unit of work.")
   p.add_argument("--staging_dir", default=None, help="where converted units are kept for reruns "
                  "(default <data_dir>/.beam_staging/<name>).")
   args, beam_args = p.parse_known_args(argv)

@@ -430,6 +430,15 @@ def read_captions(path: str, split: str = "train") -> np.ndarray:
   return out
 
 
+def add_import_args(parser, kinds, *, kind_help, inputs_help) -> None:
+  """The arguments every import command takes (this one and data/beam_import.py's)."""
+  parser.add_argument("kind", choices=kinds, help=kind_help)
+  parser.add_argument("inputs", nargs="+", help=inputs_help)
+  parser.add_argument("--data_dir", required=True, help="TFDS data dir to write into.")
+  parser.add_argument("--name", required=True, help="dataset name, e.g. my_pairs.")
+  parser.add_argument("--image_size", type=int, default=224)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   import argparse  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
@@ -438,11 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       description="Import image-text pairs (a folder, JSONL/CSV manifests or webdataset tar "
                   "shards) into a TFDS ArrayRecord dataset; prints kept / skipped counts. The same "
                   "name and inputs reuse the dataset; changed inputs rebuild it.")
-  p.add_argument("kind", choices=KINDS)
-  p.add_argument("inputs", nargs="+", help="the folder, manifest file(s) or tar shard(s).")
-  p.add_argument("--data_dir", required=True, help="TFDS data dir to write into.")
-  p.add_argument("--name", required=True, help="dataset name, e.g. my_pairs.")
-  p.add_argument("--image_size", type=int, default=224)
+  add_import_args(p, KINDS, kind_help=None,
+                  inputs_help="the folder, manifest file(s) or tar shard(s).")
   p.add_argument("--workers", type=int, default=None, help="conversion processes (default: all "
                  "cores).")
   args = p.parse_args(argv)
