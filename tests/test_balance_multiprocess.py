@@ -115,6 +115,11 @@ def test_two_processes_write_the_one_process_outputs(world, tmp_path):
   assert (one / "fingerprint.json").read_text() == (two / "fingerprint.json").read_text()
   # Process 0 alone reports; process 1 computes its rows silently.
   assert "balance: kept" in logs[0] and "balance: kept" not in logs[1]
+  # A rerun reuses the outputs on every process (process 0's decision) and rewrites nothing.
+  before = {f: os.stat(two / f).st_mtime_ns for f in _files(two)}
+  logs = _two_processes(_command(data_dir, folder, tmp_path / "two"))
+  assert "balance: reusing" in logs[0] and "recomputing" not in "".join(logs)
+  assert {f: os.stat(two / f).st_mtime_ns for f in _files(two)} == before
 
 
 def test_several_processes_refuse_in_memory_annotations(world, tmp_path, monkeypatch):
