@@ -2,13 +2,17 @@
 architecture, batch, loss (sigmoid), optimiser (AdamW, clip 1.0) and dtype (fp32).
 
     python benchmarks/train_bench.py [--cases tiny,S/16,B/16] [--batch 8] [--steps N]
-        [--warmup 2] [--threads T] [--devices D] [--image-pool tok|gap] [--gpu --gpu-batch 256]
+        [--warmup 2] [--threads T] [--rounds R] [--peer-python PY] [--devices D]
+        [--image-pool tok|gap] [--gpu --gpu-batch 256]
 
 Peer (CPU wheels; no pretrained weights are ever downloaded, models are built from configs):
     pip install torch --index-url https://download.pytorch.org/whl/cpu && pip install open_clip_torch
 
 Each (framework, case) runs in its own subprocess (`--worker`), so the reported peak RSS is
-that run's alone. One JSON line per row as it goes; the last line is one JSON object with all
+that run's alone; `--rounds R` alternates R runs of each side per case (ours, peer, ours, ...)
+and combines them (median over all their timed steps, spread, largest peak RSS).
+`--peer-python` runs the peer under another interpreter (a venv holding torch + open_clip).
+Each row also gives the process CPU time per step, which a loaded machine disturbs less. One JSON line per row as it goes; the last line is one JSON object with all
 rows and per-case ratios ours / open_clip (examples/s: higher is better; peak RSS and params:
 1.0 is parity). Without torch/open_clip only our side runs and "peer" is null. `--gpu` adds a
 B/16 bf16 row with MFU when JAX sees a GPU (skipped with a note otherwise).
@@ -59,16 +63,24 @@ def peak_rss_mib():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def median_step_seconds(step, warmup, steps):
-  """Median wall time of `step()` (which must return only once its work is done)."""
+def time_steps(step, warmup, steps):
+  """Wall and CPU time of `step()` (which must return only once its work is done).
+
+  Returns {step_ms_median, step_ms_min, step_ms_max, cpu_ms_median}. CPU time is the process's
+  (all its threads'): on a loaded machine wall time grows with the competition while CPU time
+  stays close to the work done (plus any time threads spend spinning while they wait).
+  """
   for _ in range(warmup):
     step()
-  times = []
+  wall, cpu = [], []
   for _ in range(steps):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     step()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), min(times)
+    wall.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - start_cpu)
+  return dict(step_ms_median=1e3 * statistics.median(wall), step_ms_min=1e3 * min(wall),
+              step_ms_max=1e3 * max(wall), cpu_ms_median=1e3 * statistics.median(cpu),
+              step_ms=[round(1e3 * t, 2) for t in wall], cpu_ms=[round(1e3 * t, 2) for t in cpu])
 
 
 def run_ours(case, batch, args, dtype="float32"):
@@ -122,7 +134,8 @@ def run_ours(case, batch, args, dtype="float32"):
     # Dispatch is async: without blocking we would time only the enqueue.
     jax.block_until_ready((state, metrics))
 
-  med, best = median_step_seconds(step, args.warmup, args.steps or case["steps"])
+  timing = time_steps(step, args.warmup, args.steps or case["steps"])
+  med = timing["step_ms_median"] / 1e3
   from siglip_fair.train.flops import step_flops  # pylint: disable=g-import-not-at-top
   flops = step_flops(compiled)
   return dict(framework="siglip_fair", jax=jax.__version__, backend=jax.default_backend(),
@@ -130,7 +143,7 @@ def run_ours(case, batch, args, dtype="float32"):
               params=int(sum(x.size for x in jax.tree.leaves(state.params))),
               compile_s=round(compile_s, 2), flops_per_step=flops,
               achieved_gflops=flops / med / 1e9 if flops else None, import_rss_mib=import_rss,
-              step_ms_median=1e3 * med, step_ms_min=1e3 * best, examples_per_sec=batch / med)
+              **timing, examples_per_sec=batch / med)
 
 
 def run_open_clip(case, batch, args):
@@ -183,10 +196,10 @@ def run_open_clip(case, batch, args):
     torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM["clip_norm"])
     opt.step()
 
-  med, best = median_step_seconds(step, args.warmup, args.steps or case["steps"])
+  timing = time_steps(step, args.warmup, args.steps or case["steps"])
   return dict(framework="open_clip", open_clip=open_clip.__version__, torch=torch.__version__,
               params=int(sum(p.numel() for _, p in named)), import_rss_mib=import_rss,
-              step_ms_median=1e3 * med, step_ms_min=1e3 * best, examples_per_sec=batch / med)
+              **timing, examples_per_sec=batch / (timing["step_ms_median"] / 1e3))
 
 
 def run_gpu(args):
@@ -229,7 +242,8 @@ FRAMEWORK = {"jax": "siglip_fair", "torch": "open_clip", "gpu": "siglip_fair"}
 
 
 def spawn(kind, case, args):
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--cases", case,
+  python = args.peer_python if kind == "torch" and args.peer_python else sys.executable
+  cmd = [python, os.path.abspath(__file__), "--worker", kind, "--cases", case,
          "--batch", str(args.batch), "--warmup", str(args.warmup), "--threads",
          str(args.threads), "--image-pool", args.image_pool, "--gpu-batch", str(args.gpu_batch)]
   cmd += ["--steps", str(args.steps)] if args.steps else []
@@ -240,6 +254,27 @@ def spawn(kind, case, args):
     return dict(framework=FRAMEWORK[kind], case=case, error=f"worker exited {proc.returncode}: "
                                                   f"{proc.stderr.strip()[-2000:]}")
   return json.loads(lines[-1])
+
+
+def combine(runs):
+  """One row per (case, framework) from its rounds: the median over the timed steps of all
+  rounds (a round disturbed by other work then moves it less than a mean of the rounds), the
+  spread of those steps, each round's median, the largest peak RSS."""
+  ok = [r for r in runs if "step_ms_median" in r]
+  if not ok:
+    return runs[-1]
+  med = statistics.median(t for r in ok for t in r["step_ms"])
+  row = dict(ok[0], rounds=len(ok), step_ms_median=med,
+             step_ms_min=min(r["step_ms_min"] for r in ok),
+             step_ms_max=max(r["step_ms_max"] for r in ok),
+             round_medians_ms=[round(r["step_ms_median"], 1) for r in ok],
+             cpu_ms_median=statistics.median(t for r in ok for t in r["cpu_ms"]),
+             examples_per_sec=ok[0]["batch"] / (med / 1e3),
+             peak_rss_mib=max(r["peak_rss_mib"] for r in ok),
+             loadavg_1m=[round(r["loadavg_1m"], 2) for r in ok])
+  if "import_rss_mib" in row:
+    row["rss_growth_mib"] = row["peak_rss_mib"] - row["import_rss_mib"]
+  return row
 
 
 def _ratio(a, b, key):
@@ -254,10 +289,15 @@ def main():
   parser.add_argument("--steps", type=int, default=None, help="timed steps (tiny 10, S/B 5)")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
   parser.add_argument("--threads", type=int, default=os.cpu_count())
+  parser.add_argument("--rounds", type=int, default=1,
+                      help="alternating runs (ours, peer, ours, peer, ...) per case")
   parser.add_argument("--devices", type=int, default=None, help="JAX CPU devices (default 1)")
   parser.add_argument("--image-pool", choices=("tok", "gap"), default="tok")
   parser.add_argument("--gpu", action="store_true", help="add the B/16 bf16 MFU row on GPU")
   parser.add_argument("--gpu-batch", type=int, default=256)
+  parser.add_argument("--peer-python", default=None,
+                      help="interpreter for the open_clip workers (a separate venv holding "
+                           "torch + open_clip); default: this one")
   parser.add_argument("--worker", choices=("jax", "torch", "gpu"), help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
@@ -268,21 +308,27 @@ def main():
   if unknown:
     parser.error(f"unknown cases {unknown}; known: {sorted(CASES)}")
   # find_spec does not import: the parent stays light and each worker pays its own imports.
-  missing = [m for m in ("torch", "open_clip") if importlib.util.find_spec(m) is None]
+  # With --peer-python the peer's own worker reports a failed import instead.
+  missing = [] if args.peer_python else [
+      m for m in ("torch", "open_clip") if importlib.util.find_spec(m) is None]
   peer_message = (f"{' and '.join(missing)} not installed: open_clip side skipped; install "
                   "with the commands in the module docstring." if missing else None)
   if peer_message:
     print(json.dumps(dict(peer=None, message=peer_message)), flush=True)
 
-  rows, by_case = [], {}
+  rows, runs = [], {}
   for case in cases:
-    for kind in ("jax",) + (() if missing else ("torch",)):
-      row = spawn(kind, case, args)
-      print(json.dumps(row), flush=True)
-      rows.append(row)
-      if row.get("peer", "") is None:  # the worker could not import the peer after all
-        peer_message = row["message"]
-      by_case.setdefault(case, {})[row.get("framework")] = row
+    # Rounds alternate ours and the peer (ours, peer, ours, peer, ...) so that a change in the
+    # machine's load during the run falls on both sides alike.
+    for _ in range(args.rounds):
+      for kind in ("jax",) + (() if missing else ("torch",)):
+        row = spawn(kind, case, args)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        if row.get("peer", "") is None:  # the worker could not import the peer after all
+          peer_message = row["message"]
+        runs.setdefault(case, {}).setdefault(row.get("framework"), []).append(row)
+  by_case = {c: {f: combine(r) for f, r in fw.items()} for c, fw in runs.items()}
   gpu = "skipped: pass --gpu (runs only where JAX sees a GPU)"
   if args.gpu:
     gpu = spawn("gpu", "B/16", args)
@@ -294,7 +340,11 @@ def main():
   print(json.dumps(dict(
       peer=None if peer_message else "open_clip", peer_message=peer_message,
       threads=args.threads, cpu_count=os.cpu_count(), image_pool=args.image_pool, rows=rows,
+      combined=by_case,
       ours_over_open_clip_examples_per_sec=ratios("examples_per_sec"),
+      # open_clip's CPU seconds per step over ours: > 1 means ours does the step with less CPU.
+      open_clip_over_ours_cpu_per_step={c: _ratio(b, a, "cpu_ms_median")
+                                        for c, (a, b) in pairs.items()},
       peak_rss_ratio=ratios("peak_rss_mib"), rss_growth_ratio=ratios("rss_growth_mib"),
       param_count_ratio=ratios("params"),
       gpu=gpu.get("skipped", gpu) if isinstance(gpu, dict) else gpu, notes=NOTES)))
