@@ -193,20 +193,14 @@ def balance(config, workdir: str, data: Data | None = None, *,
   `balance.allow_infeasible` (the command line's behaviour).
 
   Under `jax.distributed` call it on every process with the same arguments: M4 streams
-  `annotations_dir` (required then), process p reading shards p, p + P, ...; process 0 decides
-  whether to reuse, prints, and writes the same files as a one-process run (the others write
+  `annotations_dir`, process p reading shards p, p + P, ... (without it every process annotates
+  the training split in memory and streams the p-th of P contiguous blocks of rows); process 0
+  decides whether to reuse, prints, and writes the same files as a one-process run (the others write
   only their rows' part files, merged and removed by process 0). Every process returns the same
   loaded result, read back after process 0 wrote it (full q / keep on each host).
   """
   from siglip_fair.balance import stage
-  several, lead = jax.process_count() > 1, jax.process_index() == 0
-  if several and not config.get("annotations_dir"):
-    raise ValueError(
-        f"balance on {jax.process_count()} processes needs config.annotations_dir, a folder of "
-        ".npz / .parquet annotation shards (at least one per process) that M4 streams: the "
-        "in-memory annotation of the training split is a one-process path. Write the shards "
-        "first (balance.write_shards, or `python -m siglip_fair.annotate.beam_annotate`; "
-        "docs/WEBSCALE.md) and pass --config.annotations_dir=DIR, or run balance as one process.")
+  lead = jax.process_index() == 0
   out = balance_dir(config, workdir)
   want = stage.wanted(config, train_data_identity(config))
   reusable, diffs = stage.status(out, want) if lead else (False, [])
@@ -222,7 +216,7 @@ def balance(config, workdir: str, data: Data | None = None, *,
   # balance directory keeps whatever complete outputs it had.
   with sigterm_raises("balance: SIGTERM; stopped (every file is written whole or not at all), "
                       "rerun the same command to balance again"):
-    data = data or _prepare_in_turn(config, workdir)
+    data = data or prepare_data_in_turn(config, workdir)
     stage.staged(out, want, lambda folder: _run_m4(config, data, folder, strict))
   loaded = load_balance(out)
   if lead:
@@ -231,22 +225,24 @@ def balance(config, workdir: str, data: Data | None = None, *,
   return loaded
 
 
-def _prepare_in_turn(config, workdir: str) -> Data:
-  """`prepare_data` on every process; with several, process 0 first, since it may build the
-  world and train the tokenizer into the shared data_dir, which the others then reuse."""
+def prepare_data_in_turn(config, workdir: str) -> Data:
+  """`prepare_data` for a multi-process job, called on every process: process 0 first, since
+  it may build the world and train the tokenizer into the shared data_dir, which the others
+  then reuse instead of racing to build the same files. One process: `prepare_data`."""
   if jax.process_count() == 1:
     return prepare_data(config, workdir)
   from jax.experimental import multihost_utils
   data = prepare_data(config, workdir) if jax.process_index() == 0 else None
-  multihost_utils.sync_global_devices("balance: data prepared")
+  multihost_utils.sync_global_devices("siglip_fair: data prepared")
   return data or prepare_data(config, workdir)
 
 
 def _run_m4(config, data: Data, out: str, strict: bool):
-  """M4 into `out`. With several processes (shards only) every process runs it; process 0
+  """M4 into `out`. With several processes every process runs it on its shards; process 0
   writes the files, with every process's rows gathered by `stage.gather_rows`."""
   from siglip_fair import balance as m4
   from siglip_fair.balance import stage
+  from siglip_fair.balance.shards import ArrayShard
   from siglip_fair.report import plots
   source = config.get("annotations_dir") or ""
   if source:  # streamed from the shards, never loaded whole
@@ -257,6 +253,11 @@ def _run_m4(config, data: Data, out: str, strict: bool):
                        f"has {len(data.sources['train'])}; shards must cover it in order.")
   else:
     ann = shards = annotations(config, data)
+    total = len(ann["s"])
+    if jax.process_count() > 1:  # process p streams block p (`balance_stream` reads shard p)
+      bounds = np.linspace(0, total, jax.process_count() + 1).round().astype(int)
+      shards = [ArrayShard({k: v[a:b] for k, v in ann.items()})
+                for a, b in zip(bounds[:-1], bounds[1:])]
   result = m4.balance_stream(shards, config.balance, jax.random.key(config.balance.seed),
                              names=names(), progress=config.get("progress", False))
   # The card is global, so every process raises here alike, before any part file is written.
@@ -399,7 +400,7 @@ def train_and_evaluate(config, workdir: str, *, data: Data | None = None,
   from siglip_fair.models.two_tower import make_model
   from siglip_fair.train import loop
   os.makedirs(workdir, exist_ok=True)
-  data = data or prepare_data(config, workdir)
+  data = data or prepare_data_in_turn(config, workdir)
   num_examples = len(data.sources["train"])
   # Durations in epochs count baseline-sized epochs for every version: runs on balanced data
   # see as many examples as the baseline run (the smaller set is repeated more often).

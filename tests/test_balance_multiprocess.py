@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -127,11 +126,20 @@ def test_two_processes_write_the_one_process_outputs(world, tmp_path):
   assert {f: os.stat(two / f).st_mtime_ns for f in _files(two)} == before
 
 
-def test_several_processes_refuse_in_memory_annotations(world, tmp_path, monkeypatch):
+def test_two_processes_balance_in_memory_annotations(world, tmp_path):
+  """Without annotations_dir every process annotates the world and streams its block of rows:
+  the files (annotations.npz included) are the one-process run's."""
   data_dir, _ = world
-  args = [*TINY, f"--config.data_dir={data_dir}"]
-  cfg = cfglib.get_config(DEMO, cfglib.split_override_args(args)[0])
-  monkeypatch.setattr(jax, "process_count", lambda: 2)
-  with pytest.raises(ValueError, match="needs config.annotations_dir.*--config.annotations_dir="):
-    study.balance(cfg, str(tmp_path))
-  assert not os.path.exists(tmp_path / "balance")
+  command = ["balance", "--config", DEMO, *TINY, *LOOSE, f"--config.data_dir={data_dir}"]
+  assert cli.main([*command, "--workdir", str(tmp_path / "one")]) == 0
+  _two_processes([*command, "--workdir", str(tmp_path / "two")])
+  one, two = tmp_path / "one" / "balance", tmp_path / "two" / "balance"
+  assert _files(two) == _files(one) == sorted(
+      ["annotations.npz", "card.json", "card.md", "card.png", "fingerprint.json", "m4.npz"])
+  with np.load(one / "m4.npz") as a, np.load(two / "m4.npz") as b:
+    np.testing.assert_allclose(b["q"], a["q"], atol=1e-6)
+    np.testing.assert_array_equal(b["keep"], a["keep"])
+  with np.load(one / "annotations.npz") as a, np.load(two / "annotations.npz") as b:
+    assert sorted(a.files) == sorted(b.files)
+    for k in a.files:
+      np.testing.assert_array_equal(b[k], a[k])

@@ -315,12 +315,7 @@ def _source_and_annotator(config, workdir: str):
     source, tokenizer = imports.data_source(config.train_data), None
   else:
     from siglip_fair import study  # pylint: disable=g-import-not-at-top
-    # Process 0 builds what is missing (world, tokenizer); the others then only read it.
-    if jax.process_index() == 0:
-      data = study.prepare_data(config, workdir)
-    _barrier("siglip_fair.annotate.multihost.prepare")
-    if jax.process_index() != 0:
-      data = study.prepare_data(config, workdir)
+    data = study.prepare_data_in_turn(config, workdir)
     source, tokenizer = data.sources["train"], data.tokenizer
   if jax.process_count() > 1 and not zeroshot.is_released(cfg.checkpoint):
     annotator, params = _run_annotator(cfg, config.model, tokenizer)
