@@ -65,7 +65,7 @@ def prepare(configs, root: str) -> None:
   from siglip_fair.data import versions
   done = set()
   for config in configs:
-    data = study.prepare_data(config, root)
+    data = study.prepare_data_in_turn(config, root)
     for version, _ in versions.parse_schedule(config.data_version):
       key = (config.data_dir, config.balance_dir, version)
       if version != "baseline" and key not in done:

@@ -163,7 +163,7 @@ def _commands() -> dict[str, Callable]:
     from siglip_fair import study
     checks.check_train(config)
     with _workdir(workdir, "train"):
-      data = study.prepare_data(config, workdir)
+      data = study.prepare_data_in_turn(config, workdir)
       _check_train_data(config, workdir, data)
       return study.train_and_evaluate(config, workdir, data=data)
 
