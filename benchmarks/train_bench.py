@@ -56,6 +56,9 @@ NOTES = [
     "Data pipeline excluded on both sides: one fixed random batch, already in memory/on device.",
     "Peak RSS includes each framework's import footprint (import_rss_mib); rss_growth_ratio "
     "compares peak minus import. Ours also holds XLA compile/runtime memory.",
+    "On a machine shared with other work torch's OpenMP threads can stall for a whole run "
+    "(seen on 2 cores: a tiny step's median 340 ms against 24 ms in the run before): read "
+    "each run's median (round_medians_ms) and the CPU time per step beside the pooled figure.",
 ]
 
 
