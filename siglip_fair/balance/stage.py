@@ -81,6 +81,15 @@ def remove_dead_staging(parent: str) -> None:
         pass  # not a pid of ours, or alive under another user
 
 
+def _new_staging(out: str) -> str:
+  """A fresh staging folder beside `out` (same file system, so publishing is a rename), after
+  removing those that dead processes left there."""
+  parent = os.path.dirname(os.path.abspath(out))
+  os.makedirs(parent, exist_ok=True)
+  remove_dead_staging(parent)
+  return tempfile.mkdtemp(prefix=f".tmp_balance.{_host()}.{os.getpid()}.", dir=parent)
+
+
 def staged(out: str, want: dict, compute) -> Any:
   """Runs `compute(staging_folder)`, which writes the stage's files there, then moves them into
   `out` with fingerprint.json last. Until that last rename `out` has no valid marker, so a kill
@@ -92,10 +101,7 @@ def staged(out: str, want: dict, compute) -> Any:
   alone moves the files into `out`, and no process returns before they are all there."""
   if jax.process_count() > 1:
     return _staged_multiprocess(out, want, compute)
-  parent = os.path.dirname(os.path.abspath(out))
-  os.makedirs(parent, exist_ok=True)
-  remove_dead_staging(parent)
-  staging = tempfile.mkdtemp(prefix=f".tmp_balance.{_host()}.{os.getpid()}.", dir=parent)
+  staging = _new_staging(out)
   try:
     result = compute(staging)
     _publish(staging, out, want)
@@ -167,12 +173,7 @@ def _all_see(folder: str) -> None:
 
 def _staged_multiprocess(out: str, want: dict, compute) -> Any:
   lead = jax.process_index() == 0
-  staging = None
-  if lead:
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    remove_dead_staging(parent)
-    staging = tempfile.mkdtemp(prefix=f".tmp_balance.{_host()}.{os.getpid()}.", dir=parent)
+  staging = _new_staging(out) if lead else None
   try:
     staging = _share_path(staging)
     _all_see(staging)
