@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from siglip_fair.annotate import lexicon as lexicon_lib
+from siglip_fair.annotate import resume
 from siglip_fair.balance import shards as shards_lib
 from siglip_fair.io import atomic_write
 
@@ -198,16 +199,9 @@ def annotate_text(dataset: str, out_dir: str, *, shard_size: int = 100_000,
   os.makedirs(out_dir, exist_ok=True)
   settings = _settings(dataset, n, shard_size, prefix, lexicon, caption_index, utility)
   manifest = os.path.join(out_dir, MANIFEST)
-  if os.path.exists(manifest):
-    with open(manifest, encoding="utf-8") as f:
-      old = json.load(f)
-    if old != settings:
-      diff = sorted(k for k in settings if old.get(k) != settings[k])
-      raise ValueError(f"{out_dir!r} holds text annotations made with other settings ({diff} "
-                       "differ); write to another folder or delete this one.")
-  else:
+  if not resume.check_settings(manifest, settings):
     atomic_write(manifest, json.dumps(settings, indent=1))
-  ranges = [(a, min(a + shard_size, n)) for a in range(0, n, shard_size)]
+  ranges = resume.shard_ranges(n, shard_size)
   todo = [r for r in ranges
           if not os.path.exists(os.path.join(out_dir, shards_lib.shard_name(prefix, *r)))]
   print(f"beam annotate: {len(ranges) - len(todo)} of {len(ranges)} shards already in "

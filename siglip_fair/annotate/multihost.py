@@ -37,22 +37,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from siglip_fair.annotate import zeroshot
+from siglip_fair.annotate import resume, zeroshot
 from siglip_fair.annotate.combine import RULES, combine
 from siglip_fair.balance import shards as shards_lib
 from siglip_fair.io import atomic_write
 
 MANIFEST = "image_annotation.json"  # not .npz/.parquet: never read as a shard
 IMAGE_PREFIX = "image"
-
-
-def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
-  """[(start, stop)] of the rows [0, n) cut every `shard_size` rows (the last one shorter)."""
-  if n < 1:
-    raise ValueError(f"the image source has {n} rows; nothing to annotate.")
-  if shard_size < 1:
-    raise ValueError(f"shard_size={shard_size} must be >= 1.")
-  return [(a, min(a + shard_size, n)) for a in range(0, n, shard_size)]
 
 
 def _barrier(name: str) -> None:
@@ -118,30 +109,6 @@ def _range_embeddings(embedder: LocalEmbedder, source, prepare: Callable, start:
   return np.concatenate(out)
 
 
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
-  return out
-
-
-def _check_manifest(path: str, settings: Mapping[str, Any]) -> bool:
-  """Whether `path` holds `settings`; False when absent; ValueError naming the settings that
-  differ when it holds others."""
-  if not os.path.exists(path):
-    return False
-  with open(path) as f:
-    found, now = _flat(json.load(f)), _flat(settings)
-  diff = sorted(k for k in set(found) | set(now) if found.get(k) != now.get(k))
-  if diff:
-    raise ValueError(f"{path!r} was written by a run with other settings: "
-                     + "; ".join(f"{k}={found.get(k)!r} there, {now.get(k)!r} now"
-                                 for k in diff[:5])
-                     + ". Its shards would mix two annotations: use a new output folder, or "
-                     "the first run's settings.")
-  return True
-
-
 def annotate_shards(annotator: zeroshot.ZeroShotAnnotator, params, source,
                     out_dir: str | os.PathLike, *, shard_size: int,
                     prefix: str = IMAGE_PREFIX, identity: Mapping[str, Any] | None = None,
@@ -174,7 +141,7 @@ def annotate_shards(annotator: zeroshot.ZeroShotAnnotator, params, source,
   if not 0 <= index < count:
     raise ValueError(f"process_index={index} must lie in [0, process_count={count}).")
   n = len(source)
-  ranges = shard_ranges(n, shard_size)
+  ranges = resume.shard_ranges(n, shard_size)
   if "image" not in source[0]:
     raise ValueError(f"the source's records have no 'image' field; they have "
                      f"{sorted(source[0])}.")
@@ -185,7 +152,7 @@ def annotate_shards(annotator: zeroshot.ZeroShotAnnotator, params, source,
   out_dir = os.fspath(out_dir)
   manifest = os.path.join(out_dir, MANIFEST)
   # Every process checks before any writes, so a mismatch stops all of them alike.
-  if not _check_manifest(manifest, settings) and index == 0:
+  if not resume.check_settings(manifest, settings) and index == 0:
     atomic_write(manifest, json.dumps(settings, indent=1, sort_keys=True))
   mine = ranges[index::count]
   todo = [r for r in mine
