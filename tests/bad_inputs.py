@@ -7,6 +7,10 @@ import json
 import os
 from typing import NamedTuple
 
+import pytest
+
+from siglip_fair import cli
+
 
 class Case(NamedTuple):
   id: str
@@ -199,3 +203,50 @@ def _earlier(path) -> str:
     with open(os.path.join(path, name), "w") as f:
       f.write(text)
   return str(path)
+
+
+# ---------------------------------------------- the tiny world and its command-line runner
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A tiny synthetic world, built once per module (see `world`).
+TINY = ["--config.world.sizes.train=256", "--config.world.sizes.objects=40",
+        "--config.world.sizes.people=40", "--config.world.sizes.retrieval=40",
+        "--config.progress=false"]
+N_TRAIN = 256
+
+
+def _cli(capsys, command, *args, data_dir=None, workdir=None, code=1):
+  """Runs `siglip-fair command` on the tiny world; (b) and (c): exits `code`, prints one
+  error line, and leaves `workdir` (an earlier run's) unchanged. Returns stderr."""
+  before = _snapshot(workdir)
+  extra = [f"--config.data_dir={data_dir}"] if data_dir else []
+  got = cli.main([command, "--workdir", workdir, *TINY, *extra, *args])
+  err = capsys.readouterr().err
+  assert got == code, err
+  assert sum(line.startswith("siglip-fair") for line in err.splitlines()) == 1, err
+  assert _snapshot(workdir) == before
+  return err
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  """The tiny world's data folder (built, with its tokenizer)."""
+  data_dir = str(tmp_path_factory.mktemp("world"))
+  prep = str(tmp_path_factory.mktemp("prep"))
+  # The world of every subcommand's default config (configs/demo.py).
+  assert cli.main(["data", "--config", os.path.join(REPO, "configs", "demo.py"),
+                   "--workdir", prep, *TINY, f"--config.data_dir={data_dir}"]) == 0
+  # Its folder name (s<seed>_<hash>) also names its tokenizer: the tag picks this world's files.
+  (_TAG[data_dir],) = os.listdir(os.path.join(data_dir, "synthetic_world"))
+  return data_dir
+
+
+_TAG = {}  # data_dir -> the tag of the world the fixture built there
+
+
+@pytest.fixture
+def run(tmp_path, world, capsys):
+  """run(command, *overrides, code=...) on the tiny world in a workdir with earlier results."""
+  workdir = _earlier(tmp_path / "run")
+  return lambda command, *args, code=1: _cli(capsys, command, *args, data_dir=world,
+                                             workdir=workdir, code=code)
