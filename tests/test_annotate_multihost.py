@@ -25,6 +25,7 @@ if __name__ == "__main__":  # a child process: 2 fake CPU devices, before jax is
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
 import fake_towers
 from siglip_fair.annotate import multihost, zeroshot
@@ -199,18 +200,13 @@ def test_a_resume_with_other_settings_is_refused(tmp_path):
   annotator, params, source = setup()
   multihost.annotate_shards(annotator, params, source, tmp_path, shard_size=50, max_shards=1)
   other, _, _ = setup(min_margin=0.3)
-  try:
+  with pytest.raises(ValueError) as e:
     multihost.annotate_shards(other, params, source, tmp_path, shard_size=50)
-  except ValueError as e:
-    assert "zeroshot.min_margin=0.25 there, 0.3 now" in str(e) and "shard_size" not in str(e)
-  else:
-    raise AssertionError("a resume with another min_margin was accepted")
-  try:
+  assert "zeroshot.min_margin=0.25 there, 0.3 now" in str(e.value)
+  assert "shard_size" not in str(e.value)
+  with pytest.raises(ValueError) as e:
     multihost.annotate_shards(annotator, params, source, tmp_path, shard_size=40)
-  except ValueError as e:
-    assert "shard_size=50 there, 40 now" in str(e) and "min_margin" not in str(e)
-  else:
-    raise AssertionError("a resume with another shard_size was accepted")
+  assert "shard_size=50 there, 40 now" in str(e.value) and "min_margin" not in str(e.value)
   assert len(_files(tmp_path)) == 1
 
 
